@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (train the demo model on generated data, CPU, minutes)
+# and `make test` (the test suite). Both create .venv with pip on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: demo test venv lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: venv
+	HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 $(PY) scripts/demo.py
+
+test: venv
+	HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 $(PY) -m pytest -n 2 --durations=15 tests
+
+lint: venv
+	$(VENV)/bin/ruff check sidewalk_hf scripts tests bench
+
+clean:
+	rm -rf $(VENV) runs data/synthetic .pytest_cache
