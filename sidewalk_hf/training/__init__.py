@@ -1,0 +1,1 @@
+"""Training under Accelerate: configuration, schedule, run folder, checkpoints and the loop."""
