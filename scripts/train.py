@@ -7,6 +7,10 @@
 """
 
 import sys
+from pathlib import Path
+
+# This folder holds scripts/evaluate.py, which would shadow the `evaluate` package: keep it off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from sidewalk_hf.training.config import ConfigError
 from sidewalk_hf.training.loop import main

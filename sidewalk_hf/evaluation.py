@@ -7,14 +7,18 @@ per-batch collective, so processes may run different numbers of batches.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from PIL import Image
 
 from .metrics import SegmentationMetricAccumulator
-from .pictures import denormalize, overlay_panel
+from .pictures import denormalize, overlay_panel, save_overlay_grid
+
+REPORTED_METRICS = ("mean_iou", "background_iou", "sidewalk_iou", "pixel_accuracy")
 
 
 @dataclass
@@ -39,7 +43,8 @@ def evaluate_model(
     """Collective: every process calls it with its own share of the split. ``model`` is unwrapped."""
     config = model.config
     accumulator = SegmentationMetricAccumulator(
-        num_labels=config.num_labels, ignore_index=config.ignore_index, device=accelerator.device
+        num_labels=config.num_labels, ignore_index=config.ignore_index, id2label=config.id2label,
+        device=accelerator.device,
     )
     was_training = model.training
     model.eval()
@@ -71,5 +76,70 @@ def evaluate_model(
                     overlay_panel(image, labels[i].cpu().numpy(), predictions[i].cpu().numpy(), config.ignore_index)
                 )
     result.metrics = accumulator.compute(accelerator)
+    result.num_samples = int(accelerator.reduce(torch.tensor(result.num_samples, device=accelerator.device), "sum"))
     model.train(was_training)
     return result
+
+
+def resolve_model_path(model: str | Path) -> str:
+    """A run folder means its best model (else its final one); anything else is a folder or Hub id."""
+    path = Path(model)
+    for which in ("best", "final"):
+        if (path / which / "config.json").is_file():
+            return str(path / which)
+    return str(model)
+
+
+def metrics_table(metrics: dict, id2label: dict[int, str]) -> str:
+    rows = [(key, metrics[key]) for key in REPORTED_METRICS]
+    rows += [(f"accuracy ({id2label[i]})", value) for i, value in enumerate(metrics["per_category_accuracy"])]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value:.4f}" for name, value in rows)
+
+
+def evaluate_pretrained(
+    model: str | Path,
+    dataset: str,
+    split: str,
+    *,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    output_dir: str | Path | None = None,
+    num_pictures: int = 6,
+) -> dict:
+    """Evaluate a ``save_pretrained`` folder, run folder or Hub model on a split; write
+    ``eval_<split>.json`` (metrics and confusion matrix) and ``eval_<split>_overlays.png``."""
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+    from .data.streaming import SegmentationStream
+
+    accelerator = Accelerator()
+    model_path = resolve_model_path(model)
+    network = AutoModelForSemanticSegmentation.from_pretrained(model_path, trust_remote_code=True)
+    network = network.to(accelerator.device).eval()
+    processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=True)
+    stream = SegmentationStream(
+        dataset, split, per_process_batch_size=batch_size, training=False,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        image_mean=processor.image_mean, image_std=processor.image_std, rescale_factor=processor.rescale_factor,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0)
+    )
+    result = evaluate_model(
+        network, loader, accelerator, image_processor=processor, num_pictures=num_pictures, progress=True
+    )
+    if accelerator.is_main_process:
+        out = Path(output_dir) if output_dir else (Path(model_path) if Path(model_path).is_dir() else Path("eval"))
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"model": model_path, "dataset": dataset, "split": split, "num_samples": result.num_samples,
+                  "bad_samples": len(result.bad_samples), **result.metrics}  # fmt: skip
+        (out / f"eval_{split}.json").write_text(json.dumps(record, indent=2) + "\n")
+        if result.pictures:
+            save_overlay_grid(result.pictures, out / f"eval_{split}_overlays.png",
+                              title=f"{split}: image | truth | prediction")  # fmt: skip
+        print(f"{model_path} on {dataset} [{split}], {result.num_samples} chips:")
+        print(metrics_table(result.metrics, network.config.id2label))
+        print(f"confusion matrix (rows: truth, columns: prediction): {result.metrics['confusion_matrix']}")
+        print(f"written: {out / f'eval_{split}.json'}")
+    return result.metrics

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -31,7 +31,7 @@ from ..image_processing_sidewalk_deeplab import SidewalkImageProcessor
 from ..modeling_sidewalk_deeplab import SidewalkDeepLabForSemanticSegmentation, convert_batchnorm_to_sync
 from ..pictures import save_overlay_grid
 from . import checkpoint as ckpt
-from .config import load_config, to_flat_dict, to_yaml
+from .config import ConfigError, load_config, to_flat_dict, to_yaml
 from .run_folder import (
     JsonlTracker,
     environment_record,
@@ -97,7 +97,7 @@ def optimizer_param_groups(model: torch.nn.Module, cfg: DictConfig) -> list[dict
 def per_process_batch_size(global_batch: int, num_processes: int, accumulation_steps: int) -> int:
     divisor = num_processes * accumulation_steps
     if global_batch % divisor:
-        raise ValueError(
+        raise ConfigError(
             f"DATALOADER.BATCH_SIZE={global_batch} is the global batch and must divide evenly by "
             f"processes ({num_processes}) x SOLVER.GRADIENT_ACCUMULATION_STEPS ({accumulation_steps}) = {divisor}"
         )
@@ -115,6 +115,11 @@ class _TerminationFlag:
         self.requested = True
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """A preempted node's SIGTERM also reaches DataLoader workers; the main process decides when they stop."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _make_loader(stream: SegmentationStream, num_workers: int, seed: int):
     """Batches come ready from the stream. A private generator seeds the workers, so creating a loader
     never draws from the global RNG (which a resumed run must continue exactly)."""
@@ -124,6 +129,7 @@ def _make_loader(stream: SegmentationStream, num_workers: int, seed: int):
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_sigterm,
     )
 
 
@@ -161,6 +167,7 @@ def _evaluation_stream(cfg, split, processor, state) -> SegmentationStream:
         image_mean=processor.image_mean,
         image_std=processor.image_std,
         rescale_factor=processor.rescale_factor,
+        num_channels=cfg.INPUT.NUM_CHANNELS,
         on_bad_sample=cfg.DATASET.ON_BAD_SAMPLE,
     )
 
@@ -180,7 +187,9 @@ def save_pretrained_folder(model, processor, out_dir: Path, accelerator: Acceler
 
 def train(cfg: DictConfig, *, run_dir: Path | None = None, argv: list[str] | None = None) -> Path:
     """Train (or, when ``run_dir`` holds checkpoints, resume) and return the run folder."""
-    state = PartialState()
+    # The run folder is named once, on the main process, before the Accelerator that logs into it exists.
+    # (Accelerator() honours ACCELERATE_USE_CPU by itself; a bare PartialState must be told.)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if run_dir is None:
         run_dir = new_run_dir(cfg.OUTPUT.ROOT, cfg.OUTPUT.NAME) if state.is_main_process else None
         run_dir = broadcast_object_list([run_dir])[0]
@@ -241,6 +250,7 @@ def train(cfg: DictConfig, *, run_dir: Path | None = None, argv: list[str] | Non
         image_mean=processor.image_mean,
         image_std=processor.image_std,
         rescale_factor=processor.rescale_factor,
+        num_channels=cfg.INPUT.NUM_CHANNELS,
         on_bad_sample=cfg.DATASET.ON_BAD_SAMPLE,
     )
 
@@ -272,6 +282,10 @@ def train(cfg: DictConfig, *, run_dir: Path | None = None, argv: list[str] | Non
         )
         write_run_description(run_dir, config_yaml=to_yaml(cfg), argv=argv or sys.argv, environment=environment)
     accelerator.wait_for_everyone()
+    accelerator.print(
+        f"run folder {run_dir}: world size {accelerator.num_processes}, device {accelerator.device}, "
+        f"per-process batch {micro_batch} x {accumulation} accumulation step(s)"
+    )
     accelerator.init_trackers(
         "tensorboard",
         config=to_flat_dict(cfg),
