@@ -3,7 +3,6 @@ draw the training curves, and publish when the config asks for it."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -41,13 +40,10 @@ def finish_run(cfg, run_dir: Path, accelerator: Accelerator, processor, *, best,
             continue
         results = evaluate_folder(model_dir, cfg, accelerator, processor, make_loader, evaluation_stream)
         summary[which] = results
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # the card writes eval_results.json beside itself
             iteration = cfg.SOLVER.MAX_ITER if which == "final" else best.get("iteration")
-            (model_dir / "eval_results.json").write_text(
-                json.dumps({"iteration": iteration, **results}, indent=2) + "\n"
-            )
             write_model_card(model_dir, run_dir=run_dir, eval_results=results,
-                             repo_id=cfg.HUB.REPO_ID or None)  # fmt: skip
+                             repo_id=cfg.HUB.REPO_ID or None, iteration=iteration)  # fmt: skip
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         print(f"\nrun folder: {run_dir}")

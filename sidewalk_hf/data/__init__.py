@@ -1,0 +1,21 @@
+"""Data: the synthetic aerial sidewalk dataset and the streamed input pipeline."""
+
+from .streaming import (
+    BAD_SAMPLE_REASONS,
+    BadSample,
+    BadSampleError,
+    SegmentationStream,
+    make_dataloader,
+    open_split,
+)
+from .synthetic import generate_synthetic_dataset
+
+__all__ = [
+    "BAD_SAMPLE_REASONS",
+    "BadSample",
+    "BadSampleError",
+    "SegmentationStream",
+    "generate_synthetic_dataset",
+    "make_dataloader",
+    "open_split",
+]
