@@ -1,19 +1,23 @@
-"""Input pipeline throughput: chips per second through stream -> decode -> augment -> collate.
+"""Input pipeline throughput: chips per second through stream -> decode -> augment -> collate -> model input.
 
 For each chip size and DataLoader worker count this measures
 
 - ``read``: undecoded records only (the parquet stream every worker reads in full);
 - ``decode``: the same records with each worker decoding its share (image JPEG and mask PNG), the
   ceiling for the full pipeline;
-- ``transfer``: batches of the full pipeline's shapes and dtypes (float32 pixel values, int64 labels)
-  made of zeros in the workers, i.e. only the cost of handing finished batches to the main process
-  (shared memory), which the decode-only rate does not pay;
-- ``full``: ``SegmentationStream`` in training mode (shuffle, decode, checks, random scale/crop/flip,
-  colour jitter, normalisation, batch assembly) through ``make_dataloader``.
+- ``transfer``: batches of the full pipeline's shapes and dtypes (uint8 pixel values and labels, float32
+  normalisation coefficients) made of zeros in the workers, i.e. only the cost of handing finished
+  batches to the main process (shared memory), which the decode-only rate does not pay;
+- ``full``: what a training step consumes: ``SegmentationStream`` in training mode (shuffle, decode,
+  checks, random scale/crop/flip, colour jitter and normalisation coefficients, batch assembly) through
+  ``make_dataloader``, then ``batch_to_model_inputs`` on the CPU in the main process (float32 normalised
+  pixel values, int64 labels), where a GPU run would do that step on the GPU.
 
 Each rate is the best of ``--passes`` passes, each pass timed from its first batch so that worker
-start-up is left out. Torch runs single-threaded in the main process, as it does in DataLoader workers, so
-that ``workers 0`` measures one core. The goal is ``full`` within 2x of ``decode`` at the same worker count.
+start-up is left out; the passes of the four measurements are interleaved, so that a change in the load
+of a shared machine disturbs them alike. Torch runs single-threaded in the main process, as it does in
+DataLoader workers, so that ``workers 0`` measures one core. The goal is ``full`` within 2x of ``decode``
+at the same worker count.
 
     python bench/data_throughput.py                 # 200 chips of 256 and 512 px, workers 0/1/2
     python bench/data_throughput.py --chips 400 --sizes 256 --workers 0 2 4
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from sidewalk_hf.data import SegmentationStream, make_dataloader, open_split
+from sidewalk_hf.data import SegmentationStream, batch_to_model_inputs, make_dataloader, open_split
 from sidewalk_hf.data.streaming import decode_image, decode_mask
 from sidewalk_hf.data.synthetic import generate_synthetic_dataset
 
@@ -86,24 +90,28 @@ class _ZeroBatches(torch.utils.data.IterableDataset):
         size = self.chip_size_px
         for step in range(worker_id, self.num_batches, num_workers):
             yield {
-                "pixel_values": torch.zeros(self.batch_size, 3, size, size),
-                "labels": torch.zeros(self.batch_size, size, size, dtype=torch.int64),
+                "pixel_values": torch.zeros(self.batch_size, 3, size, size, dtype=torch.uint8),
+                "labels": torch.zeros(self.batch_size, size, size, dtype=torch.uint8),
+                "pixel_normalization": torch.zeros(self.batch_size, 3, 3),
                 "record_index": torch.arange(self.batch_size),
             }
 
 
-def _chips_per_second(loader, count_chips, passes: int) -> float:
-    """Best steady-state rate of ``passes`` passes, each timed from its first batch (the machine may be
-    shared: the best pass is the one least disturbed)."""
-    best = 0.0
-    for _ in range(passes):
-        iterator = iter(loader)
-        next(iterator)
-        chips, start = 0, time.perf_counter()
-        for batch in iterator:
-            chips += count_chips(batch)
-        best = max(best, chips / (time.perf_counter() - start))
-    return best
+def _consume(batch: dict) -> int:
+    """What the training loop does with a batch before the model: float32 normalised inputs (here on
+    the CPU); returns the number of chips."""
+    pixel_values, _labels = batch_to_model_inputs(batch, "cpu")
+    return pixel_values.shape[0]
+
+
+def _chips_per_second(loader, count_chips) -> float:
+    """Steady-state rate of one pass, timed from its first batch."""
+    iterator = iter(loader)
+    next(iterator)
+    chips, start = 0, time.perf_counter()
+    for batch in iterator:
+        chips += count_chips(batch)
+    return chips / (time.perf_counter() - start)
 
 
 def run(
@@ -118,27 +126,30 @@ def run(
                 source, num_train=chips, num_validation=0, num_test=0, chip_size_px=size
             )
         for num_workers in workers:
-            rates = {}
+            measurements = {}
             for name, decode in (("read", False), ("decode", True)):
                 loader = torch.utils.data.DataLoader(
                     _UndecodedRecords(source, "train", batch_size, decode),
                     batch_size=None,
                     num_workers=num_workers,
                 )
-                rates[name] = _chips_per_second(loader, int, passes)
+                measurements[name] = (loader, int)
             zeros = _ZeroBatches(chips // batch_size, batch_size, size)
-            rates["transfer"] = _chips_per_second(
+            measurements["transfer"] = (
                 torch.utils.data.DataLoader(zeros, batch_size=None, num_workers=num_workers),
                 lambda b: len(b["record_index"]),
-                passes,
             )
             stream = SegmentationStream(
                 source, "train", per_process_batch_size=batch_size, training=True, crop_size_px=size,
                 buffer_batches=8, **IMAGENET,
             )  # fmt: skip
-            rates["full"] = _chips_per_second(
-                make_dataloader(stream, num_workers), lambda b: len(b["record_index"]), passes
-            )
+            measurements["full"] = (make_dataloader(stream, num_workers), _consume)
+            # Passes interleaved, the best of each kept: a change of the machine's load (it may be shared)
+            # then affects all four alike, and the best pass is the least disturbed one.
+            rates = dict.fromkeys(measurements, 0.0)
+            for _ in range(passes):
+                for name, (loader, count_chips) in measurements.items():
+                    rates[name] = max(rates[name], _chips_per_second(loader, count_chips))
             row = {
                 "chip_size_px": size,
                 "num_workers": num_workers,
@@ -175,9 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
+    load_before = os.getloadavg()  # the machine may be shared: its load qualifies the figures
     with tempfile.TemporaryDirectory() as tmp:
         data_root = args.data_root or Path(tmp)
         rows = run(args.chips, args.sizes, args.workers, args.batch_size, args.passes, data_root)
+    load_after = os.getloadavg()
 
     header = (
         f"{'chip px':>8} {'workers':>8} {'read/s':>9} {'decode/s':>9} {'transfer/s':>11} {'full/s':>9} "
@@ -190,6 +203,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['decode_chips_per_s']:>9.1f} {row['transfer_chips_per_s']:>11.1f} {row['full_chips_per_s']:>9.1f} "
             f"{row['full_time_over_decode_time']:>23.2f}x"
         )
+    print(
+        "load average (1, 5, 15 min): before "
+        + ", ".join(f"{x:.2f}" for x in load_before)
+        + "; after "
+        + ", ".join(f"{x:.2f}" for x in load_after)
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "data_throughput",
@@ -197,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "passes": args.passes,
         "cpu_count": os.cpu_count(),
+        "load_average_1_5_15_min": {"before": load_before, "after": load_after},
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -15,8 +15,9 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
+from .data.streaming import batch_to_model_inputs
 from .metrics import SegmentationMetricAccumulator
-from .pictures import denormalize, overlay_panel, save_overlay_grid
+from .pictures import overlay_panel, save_overlay_grid
 
 REPORTED_METRICS = ("mean_iou", "background_iou", "sidewalk_iou", "pixel_accuracy")
 
@@ -35,7 +36,6 @@ def evaluate_model(
     loader,
     accelerator: Accelerator,
     *,
-    image_processor,
     num_pictures: int = 0,
     channels_last: bool = False,
     progress: bool = False,
@@ -56,8 +56,7 @@ def evaluate_model(
 
         batches = tqdm(loader, desc="evaluating", unit="batch", leave=False)
     for batch in batches:
-        pixel_values = batch["pixel_values"].to(accelerator.device, memory_format=memory_format)
-        labels = batch["labels"].to(accelerator.device)
+        pixel_values, labels = batch_to_model_inputs(batch, accelerator.device, memory_format)
         with accelerator.autocast():
             logits = model(pixel_values=pixel_values).logits
         predictions = logits.argmax(dim=1)
@@ -66,12 +65,7 @@ def evaluate_model(
         result.num_samples += int(labels.shape[0])
         if accelerator.is_main_process and len(result.pictures) < num_pictures:
             for i in range(min(num_pictures - len(result.pictures), labels.shape[0])):
-                image = denormalize(
-                    batch["pixel_values"][i],
-                    image_processor.image_mean,
-                    image_processor.image_std,
-                    image_processor.rescale_factor,
-                )
+                image = batch["pixel_values"][i, :3].expand(3, -1, -1).permute(1, 2, 0).numpy()  # uint8 HWC
                 result.pictures.append(
                     overlay_panel(image, labels[i].cpu().numpy(), predictions[i].cpu().numpy(), config.ignore_index)
                 )
@@ -127,7 +121,7 @@ def evaluate_pretrained(
         stream, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0)
     )
     result = evaluate_model(
-        network, loader, accelerator, image_processor=processor, num_pictures=num_pictures, progress=True
+        network, loader, accelerator, num_pictures=num_pictures, progress=True
     )
     if accelerator.is_main_process:
         out = Path(output_dir) if output_dir else (Path(model_path) if Path(model_path).is_dir() else Path("eval"))

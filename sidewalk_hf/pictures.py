@@ -5,23 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 TRUTH_COLOUR = np.array([0, 220, 0], dtype=np.float32)
 PREDICTION_COLOUR = np.array([255, 40, 40], dtype=np.float32)
 IGNORE_COLOUR = np.array([255, 255, 0], dtype=np.float32)
-
-
-def denormalize(pixel_values: torch.Tensor, image_mean, image_std, rescale_factor: float) -> np.ndarray:
-    """Back from model input to an HWC uint8 RGB picture (first three bands)."""
-    mean = torch.tensor(image_mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(image_std, dtype=torch.float32).view(-1, 1, 1)
-    image = (pixel_values.float().cpu() * std + mean) / rescale_factor
-    image = image[:3].clamp(0, 255).round().to(torch.uint8)
-    if image.shape[0] == 1:
-        image = image.expand(3, -1, -1)
-    return image.permute(1, 2, 0).numpy()
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray, colour: np.ndarray, ignore_value: int) -> np.ndarray:

@@ -14,8 +14,8 @@ import torch
 from datasets import Features, Image
 from PIL import Image as PILImage
 
-from sidewalk_hf.data import BadSample, SegmentationStream, make_dataloader, open_split
-from sidewalk_hf.data.transforms import ColorJitter, Normalizer
+from sidewalk_hf.data import BadSample, SegmentationStream, batch_to_model_inputs, make_dataloader, open_split
+from sidewalk_hf.data.transforms import ColorJitter, Normalizer, augmentation_generator, draw_augmentation
 
 IMAGENET = {
     "image_mean": [123.675, 116.28, 103.53],
@@ -69,15 +69,15 @@ def _write_indexed_dataset(root: Path, num_records: int, num_shards: int = 4, sp
 
 def _indices(batch: dict) -> list[int]:
     """Record identities of a batch from an indexed dataset read with IDENTITY normalisation."""
-    pixels = batch["pixel_values"][:, :, 0, 0]
-    return (pixels[:, 0] + 256 * pixels[:, 1]).round().long().tolist()
+    pixels = batch["pixel_values"][:, :, 0, 0].long()
+    return (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
 
 
 def _assert_same_batches(expected: list[dict], actual: list[dict]) -> None:
     assert len(actual) == len(expected)
     for want, got in zip(expected, actual):
-        assert torch.equal(want["pixel_values"], got["pixel_values"])
-        assert torch.equal(want["labels"], got["labels"])
+        for key in ("pixel_values", "labels", "pixel_normalization"):
+            assert torch.equal(want[key], got[key]), key
         assert torch.equal(want["record_index"], got["record_index"])
         assert want["bad_samples"] == got["bad_samples"]
 
@@ -100,7 +100,7 @@ def test_a_dataset_without_image_and_mask_columns_is_refused_with_its_columns_li
 # ---- what a batch is --------------------------------------------------------------------------------------
 
 
-def test_training_batches_are_normalised_crops_with_int64_labels(synthetic_dataset_dir):
+def test_training_batches_are_uint8_crops_and_labels_with_per_sample_normalisation(synthetic_dataset_dir):
     stream = SegmentationStream(
         synthetic_dataset_dir, "train", per_process_batch_size=4, training=True, crop_size_px=48,
         scale_range=(0.5, 1.5), **IMAGENET,
@@ -110,12 +110,57 @@ def test_training_batches_are_normalised_crops_with_int64_labels(synthetic_datas
 
     assert len(batches) == stream.steps_per_pass == 6
     for batch in batches:
-        assert batch["pixel_values"].dtype == torch.float32 and batch["pixel_values"].shape == (4, 3, 48, 48)
-        assert batch["labels"].dtype == torch.int64 and batch["labels"].shape == (4, 48, 48)
+        assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (4, 3, 48, 48)
+        assert batch["labels"].dtype == torch.uint8 and batch["labels"].shape == (4, 48, 48)
+        assert batch["pixel_normalization"].dtype == torch.float32
+        assert batch["pixel_normalization"].shape == (4, 3, 3)  # (scale, grey scale, offset) x bands
         assert batch["record_index"].dtype == torch.int64 and batch["record_index"].shape == (4,)
         assert batch["bad_samples"] == []
         assert set(batch["labels"].unique().tolist()) <= {0, 1, 255}
-    assert -3 < float(torch.cat([b["pixel_values"] for b in batches]).mean()) < 3
+        pixel_values, labels = batch_to_model_inputs(batch, "cpu")
+        assert pixel_values.dtype == torch.float32 and pixel_values.shape == (4, 3, 48, 48)
+        assert labels.dtype == torch.int64 and torch.equal(labels, batch["labels"].long())
+    inputs = torch.cat([batch_to_model_inputs(b, "cpu")[0] for b in batches])
+    assert -3 < float(inputs.mean()) < 3
+
+
+def test_model_inputs_are_the_jittered_normalised_chips_and_fillers_are_zero(dataset_with_bad_samples):
+    """``batch_to_model_inputs`` gives what the stream gave before it handed over uint8 batches: each
+    chip jittered by its own draw (torchvision's brightness, contrast, saturation, grey = band mean) and
+    normalised, here recomputed step by step in float64; bad samples 0 with labels 255."""
+    options = {"crop_size_px": 12, "scale_range": (0.8, 1.3), "flips": True, "color_jitter": 0.3, "seed": 5}
+    stream = SegmentationStream(
+        dataset_with_bad_samples, "train", per_process_batch_size=4, training=True, **options, **IMAGENET
+    )
+    stream.set_epoch(1)
+    mean = torch.tensor(IMAGENET["image_mean"], dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(IMAGENET["image_std"], dtype=torch.float64).view(3, 1, 1)
+
+    batches = list(make_dataloader(stream, num_workers=2))
+
+    fillers = 0
+    for batch in batches:
+        bad = {b.record_index for b in batch["bad_samples"]}
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            pixel_values, labels = batch_to_model_inputs(batch, "cpu", memory_format)
+            assert pixel_values.is_contiguous(memory_format=memory_format)
+            for slot, record_index in enumerate(batch["record_index"].tolist()):
+                if record_index in bad:
+                    fillers += 1
+                    assert torch.equal(pixel_values[slot], torch.zeros(3, 12, 12))
+                    assert (labels[slot] == 255).all()
+                    continue
+                jitter = draw_augmentation(
+                    augmentation_generator(5, 1, record_index), 16, 16, crop_size_hw=(12, 12),
+                    scale_range=options["scale_range"], color_jitter=0.3,
+                ).jitter  # fmt: skip
+                x = batch["pixel_values"][slot].double() * jitter.brightness
+                x = jitter.contrast * x + (1 - jitter.contrast) * x.mean()
+                x = jitter.saturation * x + (1 - jitter.saturation) * x.mean(0, keepdim=True)
+                expected = ((x * IMAGENET["rescale_factor"] - mean) / std).float()
+                torch.testing.assert_close(pixel_values[slot], expected, rtol=0, atol=2e-6)
+                assert torch.equal(labels[slot], batch["labels"][slot].long())
+    assert fillers >= 2 * 4  # 8 of the 10 records are used, 6 of the 10 are bad
 
 
 def test_training_padding_is_black_in_the_image_and_ignore_in_the_labels(synthetic_dataset_dir):
@@ -128,8 +173,9 @@ def test_training_padding_is_black_in_the_image_and_ignore_in_the_labels(synthet
 
     padded = batch["labels"] == 255
     assert padded.float().mean() >= 0.75  # a 32 px chip in a 64 px crop
+    assert (batch["pixel_values"].permute(0, 2, 3, 1)[padded] == 0).all()
     black = (torch.zeros(3) - torch.tensor(IMAGENET["image_mean"])) / torch.tensor(IMAGENET["image_std"])
-    pixels = batch["pixel_values"].permute(0, 2, 3, 1)[padded & (batch["labels"] == 255)]
+    pixels = batch_to_model_inputs(batch, "cpu")[0].permute(0, 2, 3, 1)[padded]
     assert torch.allclose(pixels[0], black) and torch.allclose(pixels[-1], black)
 
 
@@ -181,9 +227,11 @@ def test_evaluation_batches_are_the_normalised_chips_and_masks_in_dataset_order(
             2, 0, 1
         )
         mask = torch.from_numpy(np.array(PILImage.open(io.BytesIO(record["mask"]["bytes"]))))
+        pixel_values, labels = batch_to_model_inputs(batch, "cpu")
         assert batch["record_index"][slot] == index
-        assert torch.allclose(batch["pixel_values"][slot], (image.float() - mean) / std, atol=1e-5)
-        assert torch.equal(batch["labels"][slot], mask.long())
+        assert torch.equal(batch["pixel_values"][slot], image) and torch.equal(batch["labels"][slot], mask)
+        assert torch.allclose(pixel_values[slot], (image.float() - mean) / std, atol=1e-5)
+        assert torch.equal(labels[slot], mask.long())
 
 
 def test_evaluation_resizes_only_when_asked(synthetic_dataset_dir):
@@ -393,10 +441,12 @@ def test_bad_samples_are_replaced_by_ignore_fillers_and_reported(dataset_with_ba
     ]
     labels = torch.cat([b["labels"] for b in batches])
     pixels = torch.cat([b["pixel_values"] for b in batches])
+    inputs = torch.cat([batch_to_model_inputs(b, "cpu")[0] for b in batches])
     for index in range(10):
         filler = index in BAD_RECORDS
         assert bool((labels[index] == 255).all()) == filler
         assert bool((pixels[index] == 0).all()) == filler
+        assert bool((inputs[index] == 0).all()) == filler
     assert "record 5 (key 'chip-5.jpg')" in caplog.text and "[7]" in caplog.text
 
 

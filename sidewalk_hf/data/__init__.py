@@ -5,6 +5,7 @@ from .streaming import (
     BadSample,
     BadSampleError,
     SegmentationStream,
+    batch_to_model_inputs,
     make_dataloader,
     open_split,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "BadSample",
     "BadSampleError",
     "SegmentationStream",
+    "batch_to_model_inputs",
     "generate_synthetic_dataset",
     "make_dataloader",
     "open_split",

@@ -24,6 +24,12 @@ shards differ in size.
 
 In evaluation nothing is shuffled or dropped: the last batch may be short, and a process with no record in
 the last step yields one batch fewer; evaluation has no per-step collective.
+
+Batches are compact: uint8 images (augmented, not normalised) and uint8 labels, with each sample's colour
+jitter and normalisation as three float32 coefficients per band. The consumer calls
+``batch_to_model_inputs`` to get float32 normalised images and int64 labels on its device. Handing float32
+and int64 batches from the workers to the main process costs more than decoding the chips, and copying
+them to a GPU moves four (images) and eight (labels) times the bytes of uint8.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from .transforms import (
     ColorJitter,
     Normalizer,
     apply_geometry,
+    apply_normalization,
     augmentation_generator,
     draw_augmentation,
     resize_pair,
@@ -194,12 +201,21 @@ class SegmentationStream(torch.utils.data.IterableDataset):
     Use it with ``make_dataloader`` (a DataLoader with ``batch_size=None``), and do not pass it to
     ``accelerator.prepare``: each process already reads its own share. Each yielded batch is a dict:
 
-    - ``pixel_values``: float32 [B, C, H, W], normalised with the image processor's statistics;
-    - ``labels``: int64 [B, H, W], 0/1 and 255 (ignore, also on padding);
+    - ``pixel_values``: uint8 [B, C, H, W], the augmented (or resized) chips, *not* normalised; padding 0;
+    - ``labels``: uint8 [B, H, W], 0/1 and 255 (ignore, also on padding);
+    - ``pixel_normalization``: float32 [B, 3, C], each sample's colour jitter and normalisation
+      ``(x * rescale_factor - mean) / std`` folded into three coefficients per band, ``scale``,
+      ``grey_scale`` and ``offset`` (dim 1, in that order): ``normalised = pixel_values * scale +
+      grey * grey_scale + offset``, ``grey`` the mean of the bands at each pixel (see
+      ``transforms.apply_normalization``). One tensor rather than three: each tensor of a batch is a
+      shared-memory segment to hand over from a worker, and a copy to the device;
     - ``record_index``: int64 [B], each record's position in the pass (the shuffled order in training);
     - ``bad_samples``: list of ``BadSample`` met while building this batch; each was replaced by an
-      all-ignore filler (``pixel_values`` 0, ``labels`` 255) so that batch shapes and step counts stay
-      the same on every process.
+      all-ignore filler (``labels`` 255, ``pixel_values`` 0 and coefficients 0, so normalised to exactly
+      0) so that batch shapes and step counts stay the same on every process.
+
+    ``batch_to_model_inputs`` turns a batch into the model's inputs on a device: float32 normalised
+    ``pixel_values`` and int64 ``labels`` (the module docstring says why batches are uint8 until then).
 
     Args:
         source: local folder in the Hub layout, or Hub dataset id.
@@ -454,13 +470,16 @@ class SegmentationStream(torch.utils.data.IterableDataset):
                 height, width = sample.mask.shape
                 images[slot, :, :height, :width] = sample.image
                 masks[slot, :height, :width] = sample.mask
-        pixel_values = self.normalizer(images, [sample.jitter if sample else None for sample in samples])
+        normalization = self.normalizer.coefficients(
+            images, [sample.jitter if sample else None for sample in samples]
+        )
         for slot, sample in enumerate(samples):
-            if sample is None:  # the filler: the mean colour, and nothing to learn from (all ignore)
-                pixel_values[slot] = 0.0
+            if sample is None:  # the filler: normalised to 0 (the mean colour), nothing to learn (all ignore)
+                normalization[slot] = 0.0
         return {
-            "pixel_values": pixel_values,
-            "labels": masks.to(torch.int64),
+            "pixel_values": images,
+            "labels": masks,
+            "pixel_normalization": normalization,
             "record_index": torch.arange(first_record_index, first_record_index + count, dtype=torch.int64),
             "bad_samples": bad_samples,
         }
@@ -484,6 +503,24 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         )
         image, mask = apply_geometry(image, mask, augmentation, crop_hw)
         return _Sample(image, mask, augmentation.jitter)
+
+
+def batch_to_model_inputs(
+    batch: dict[str, Any],
+    device: torch.device | str,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's inputs from a ``SegmentationStream`` batch, on ``device``: ``pixel_values`` float32
+    [B, C, H, W] normalised (colour jitter included) in ``memory_format``, and ``labels`` int64 [B, H, W].
+
+    The uint8 tensors are copied to the device (asynchronously from pinned memory) and converted there,
+    so a GPU receives a quarter of the float32 bytes; on the CPU this is the batch's only float pass.
+    Deterministic: the same batch gives bitwise the same inputs on the same device.
+    """
+    images = batch["pixel_values"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    pixel_values = apply_normalization(images, batch["pixel_normalization"])
+    labels = batch["labels"].to(device, non_blocking=True).to(torch.int64)
+    return pixel_values, labels
 
 
 def make_dataloader(

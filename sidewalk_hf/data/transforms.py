@@ -3,7 +3,9 @@
 Geometry (random scale, crop with padding, flips) runs on uint8 tensors: a crop of a rescaled chip is
 computed as a resize of the matching source window, so no pixel outside the crop is ever resized, and the
 image is never converted to float or to PIL on the way. Colour jitter is linear in the pixel values, so it
-is folded into normalisation, which converts the whole batch to float32 once.
+is folded into normalisation: ``Normalizer.coefficients`` describes the jitter and normalisation of each
+sample as three float32 coefficients per band, and ``apply_normalization`` turns a uint8 batch into
+float32 model input with them, once, wherever the batch is consumed (on the accelerator in training).
 
 Randomness comes from a ``torch.Generator`` seeded by (seed, epoch, record index), never from global
 state: a record gets the same augmentation whichever process or DataLoader worker builds it, and a resumed
@@ -184,15 +186,41 @@ def resize_pair(
     return _resize_image(image, size_hw), _take(mask, row_index, col_index)
 
 
+NORMALIZATION_ROWS = ("scale", "grey_scale", "offset")
+
+
+def apply_normalization(images: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """float32 model input from uint8 images [B, C, H, W] and their coefficients [B, 3, C] (rows
+    ``NORMALIZATION_ROWS``, from ``Normalizer.coefficients``)::
+
+        normalised[b, c] = x[b, c] * scale[b, c] + grey(x[b]) * grey_scale[b, c] + offset[b, c]
+
+    with ``grey`` the plain mean of the bands at each pixel. On the images' device and in their memory
+    format. The grey pass is left out when ``grey_scale`` is all 0, which is tested on the coefficients
+    where they are given (host tensors: no device synchronisation)."""
+    use_grey = bool(coefficients[:, 1].any())
+    out = images.to(torch.float32)
+    coefficients = coefficients.to(out.device, torch.float32, non_blocking=True)[..., None, None]
+    scale, grey_scale, offset = coefficients.unbind(1)
+    if not use_grey:
+        return out.mul_(scale).add_(offset)
+    grey = out.mean(1, keepdim=True)
+    return out.mul_(scale).addcmul_(grey, grey_scale).add_(offset)
+
+
 class Normalizer:
     """``(x * rescale_factor - mean) / std`` per band, from uint8 to float32, with optional colour jitter.
 
     The statistics come from the model's image processor, the single source of normalisation. Jitter
     follows torchvision's brightness, contrast, saturation (in that order) with "grey" the plain mean of
     the bands, since the bands need not be RGB (the reference imagery is NIR-G-B). The three steps
-    compose into ``a * x + g * grey(x) + k``, which is folded into the normalisation, a few passes over
-    the whole batch; unlike torchvision, intermediate values are not clipped to [0, 255], a difference of
-    a few grey levels at the extremes for mild jitter.
+    compose into ``a * x + g * grey(x) + k`` per image, which is folded into the normalisation:
+    ``coefficients`` computes the folded map per sample and band (cheap: the only pass over the pixels
+    is an integer sum for the image mean that contrast needs), ``apply_normalization`` applies it, a few
+    passes over the whole batch, wherever the batch is (the training stream hands uint8 batches and
+    their coefficients over, and the consumer applies them on its device). Unlike torchvision,
+    intermediate values are not clipped to [0, 255], a difference of a few grey levels at the extremes
+    for mild jitter.
     """
 
     def __init__(self, image_mean: Sequence[float], image_std: Sequence[float], rescale_factor: float):
@@ -200,26 +228,48 @@ class Normalizer:
             raise ValueError(f"image_mean has {len(image_mean)} bands but image_std has {len(image_std)}")
         if any(s <= 0 for s in image_std):
             raise ValueError(f"image_std must be positive, got {list(image_std)}")
-        mean = torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = torch.tensor(image_mean, dtype=torch.float32).view(1, -1)
+        std = torch.tensor(image_std, dtype=torch.float32).view(1, -1)
         self.num_channels = len(image_mean)
         self.rescale_factor = float(rescale_factor)
         self._scale = self.rescale_factor / std
         self._shift = -mean / std
 
+    def coefficients(
+        self, images: torch.Tensor, jitters: Sequence[ColorJitter | None] | None = None
+    ) -> torch.Tensor:
+        """The folded map for uint8 images [B, C, H, W], jittering image ``i`` by ``jitters[i]`` if given:
+        float32 [B, 3, C], rows ``NORMALIZATION_ROWS`` (see ``apply_normalization``)."""
+        count = images.shape[0]
+        jitters = list(jitters) if jitters is not None else [None] * count
+        if len(jitters) != count:
+            raise ValueError(f"{len(jitters)} jitters for {count} images")
+        coefficients = torch.zeros(count, len(NORMALIZATION_ROWS), self.num_channels)
+        if not any(j is not None and j != ColorJitter() for j in jitters):
+            coefficients[:, 0], coefficients[:, 2] = self._scale, self._shift
+            return coefficients
+        factors = torch.tensor(
+            [[j.brightness, j.contrast, j.saturation] if j is not None else [1.0, 1.0, 1.0] for j in jitters],
+            dtype=torch.float32,
+        )
+        b, c, s = factors[:, 0:1], factors[:, 1:2], factors[:, 2:3]
+        # The mean grey level of each image (contrast's pivot) is the mean of all its values: an exact
+        # integer sum, in numpy, whose uint8 -> int64 sum is ten times faster than torch's.
+        if bool((c != 1).any()):
+            totals = images.reshape(count, -1).cpu().numpy().sum(axis=1, dtype=np.int64)
+            mean_grey = (torch.from_numpy(totals).double() / images[0].numel()).to(torch.float32)[:, None]
+        else:
+            mean_grey = torch.zeros(count, 1)
+        a, g, k = s * c * b, (1 - s) * c * b, (1 - c) * b * mean_grey
+        coefficients[:, 0], coefficients[:, 1], coefficients[:, 2] = (
+            a * self._scale,
+            g * self._scale,
+            k * self._scale + self._shift,
+        )
+        return coefficients
+
     def __call__(
         self, images: torch.Tensor, jitters: Sequence[ColorJitter | None] | None = None
     ) -> torch.Tensor:
         """Normalise uint8 images [B, C, H, W] to float32, jittering image ``i`` by ``jitters[i]`` if given."""
-        out = images.to(torch.float32)
-        active = [j for j in jitters or [] if j is not None and j != ColorJitter()]
-        if not active:
-            return out.mul_(self._scale).add_(self._shift)
-        factors = torch.tensor(
-            [[j.brightness, j.contrast, j.saturation] if j is not None else [1.0, 1.0, 1.0] for j in jitters],
-            dtype=torch.float32,
-        ).view(-1, 3, 1, 1)
-        b, c, s = factors[:, 0:1], factors[:, 1:2], factors[:, 2:3]
-        grey = out.mean(1, keepdim=True)
-        a, g, k = s * c * b, (1 - s) * c * b, (1 - c) * b * grey.mean((2, 3), keepdim=True)
-        return out.mul_(a * self._scale).addcmul_(grey, g * self._scale).add_(k * self._scale + self._shift)
+        return apply_normalization(images, self.coefficients(images, jitters))

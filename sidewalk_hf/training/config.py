@@ -102,7 +102,7 @@ class SolverConfig:
     WEIGHT_DECAY: float = 1e-4
     WEIGHT_DECAY_NORM: float = 0.0
     # None: biases decay like other weights (Detectron2's default).
-    WEIGHT_DECAY_BIAS: Optional[float] = None
+    WEIGHT_DECAY_BIAS: Optional[float] = None  # noqa: UP045 (OmegaConf schemas want Optional)
     CLIP_GRAD_NORM: float = 1.0
     GRADIENT_ACCUMULATION_STEPS: int = 1
     # "no" or "bf16" (or "fp16" on GPUs).
@@ -168,7 +168,7 @@ def all_keys() -> list[str]:
 
     def walk(node: DictConfig, prefix: str) -> list[str]:
         keys = []
-        for key in node.keys():
+        for key in node:
             value = node._get_node(key)
             if isinstance(value, DictConfig):
                 keys += walk(value, f"{prefix}{key}.")

@@ -19,18 +19,18 @@ def _splits(cfg: DictConfig) -> list[str]:
     return [s for s in (cfg.DATASET.VALIDATION_SPLIT, cfg.DATASET.TEST_SPLIT) if s]
 
 
-def evaluate_folder(model_dir: Path, cfg, accelerator, processor, make_loader, evaluation_stream) -> dict:
+def evaluate_folder(model_dir: Path, cfg, accelerator, make_loader, evaluation_stream) -> dict:
     """Metrics of a save_pretrained folder on each configured split (collective)."""
     model = SidewalkDeepLabForSemanticSegmentation.from_pretrained(model_dir).to(accelerator.device)
     results = {}
     for split in _splits(cfg):
         loader = make_loader(evaluation_stream(split), cfg.DATALOADER.NUM_WORKERS, cfg.SEED)
-        result = evaluate_model(model, loader, accelerator, image_processor=processor)
+        result = evaluate_model(model, loader, accelerator)
         results[split] = {key: result.metrics[key] for key in METRIC_KEYS}
     return results
 
 
-def finish_run(cfg, run_dir: Path, accelerator: Accelerator, processor, *, best, make_loader, evaluation_stream):
+def finish_run(cfg, run_dir: Path, accelerator: Accelerator, *, best, make_loader, evaluation_stream):
     if accelerator.is_main_process:
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "pictures" / "training_curves.png")
     summary = {}
@@ -38,7 +38,7 @@ def finish_run(cfg, run_dir: Path, accelerator: Accelerator, processor, *, best,
         model_dir = run_dir / which
         if not model_dir.is_dir():
             continue
-        results = evaluate_folder(model_dir, cfg, accelerator, processor, make_loader, evaluation_stream)
+        results = evaluate_folder(model_dir, cfg, accelerator, make_loader, evaluation_stream)
         summary[which] = results
         if accelerator.is_main_process:  # the card writes eval_results.json beside itself
             iteration = cfg.SOLVER.MAX_ITER if which == "final" else best.get("iteration")

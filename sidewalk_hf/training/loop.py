@@ -7,10 +7,8 @@ already reads its own share (see ``sidewalk_hf.data.streaming``), and preparing 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
@@ -21,17 +19,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ..configuration_sidewalk_deeplab import SidewalkDeepLabConfig
-from ..data.streaming import SegmentationStream
+from ..data.streaming import SegmentationStream, batch_to_model_inputs
 from ..evaluation import evaluate_model
 from ..image_processing_sidewalk_deeplab import SidewalkImageProcessor
 from ..modeling_sidewalk_deeplab import SidewalkDeepLabForSemanticSegmentation, convert_batchnorm_to_sync
 from ..pictures import save_overlay_grid
 from . import checkpoint as ckpt
 from .config import ConfigError, load_config, to_flat_dict, to_yaml
+from .finish import finish_run
 from .run_folder import (
     JsonlTracker,
     environment_record,
@@ -320,7 +319,7 @@ def train(cfg: DictConfig, *, run_dir: Path | None = None, argv: list[str] | Non
         stream = _evaluation_stream(cfg, cfg.DATASET.VALIDATION_SPLIT, processor, accelerator)
         loader = _make_loader(stream, cfg.DATALOADER.NUM_WORKERS, cfg.SEED)
         result = evaluate_model(
-            accelerator.unwrap_model(model), loader, accelerator, image_processor=processor,
+            accelerator.unwrap_model(model), loader, accelerator,
             num_pictures=cfg.TEST.NUM_PICTURES, channels_last=cfg.SOLVER.CHANNELS_LAST,
         )  # fmt: skip
         metrics = {key: result.metrics[key] for key in METRIC_KEYS}
@@ -356,8 +355,7 @@ def train(cfg: DictConfig, *, run_dir: Path | None = None, argv: list[str] | Non
             for reason, index, key in batch.get("bad_samples", []):
                 bad_samples[reason] += 1
                 bad_sample_examples.append({"reason": reason, "record_index": int(index), "key": str(key)})
-            pixel_values = batch["pixel_values"].to(accelerator.device, memory_format=memory_format)
-            labels = batch["labels"].to(accelerator.device)
+            pixel_values, labels = batch_to_model_inputs(batch, accelerator.device, memory_format)
             with accelerator.accumulate(model):
                 loss = model(pixel_values=pixel_values, labels=labels).loss
                 accelerator.backward(loss)
@@ -431,9 +429,7 @@ def train(cfg: DictConfig, *, run_dir: Path | None = None, argv: list[str] | Non
     # ---- finish ------------------------------------------------------------------------------
     save_training_state()
     save_pretrained_folder(model, processor, run_dir / "final", accelerator)
-    from .finish import finish_run
-
-    finish_run(cfg, run_dir, accelerator, processor, best=best, make_loader=_make_loader,
+    finish_run(cfg, run_dir, accelerator, best=best, make_loader=_make_loader,
                evaluation_stream=lambda split: _evaluation_stream(cfg, split, processor, accelerator))  # fmt: skip
     accelerator.end_training()
     return run_dir
