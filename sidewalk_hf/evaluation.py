@@ -136,4 +136,5 @@ def evaluate_pretrained(
         print(metrics_table(result.metrics, network.config.id2label))
         print(f"confusion matrix (rows: truth, columns: prediction): {result.metrics['confusion_matrix']}")
         print(f"written: {out / f'eval_{split}.json'}")
+    accelerator.end_training()
     return result.metrics

@@ -39,6 +39,7 @@ def main(data_path: str, out_dir: str) -> None:
     Path(out_dir, f"rank{accelerator.process_index}.json").write_text(
         json.dumps({**record, "results": results})
     )
+    accelerator.end_training()  # tears the process group down, so gloo does not abort at exit
 
 
 if __name__ == "__main__":

@@ -341,5 +341,5 @@ def test_publishing_a_folder_without_weights_names_the_missing_file(run_dir, fak
 def test_model_card_template_is_the_top_level_file():
     from sidewalk_hf.hub import MODEL_CARD_TEMPLATE
 
-    assert MODEL_CARD_TEMPLATE == REPO / "model_card.md"
+    assert (REPO / "model_card.md").resolve() == MODEL_CARD_TEMPLATE.resolve()
     assert "{{ card_data }}" in MODEL_CARD_TEMPLATE.read_text()
