@@ -20,6 +20,7 @@ from sidewalk_hf.metrics import (
     load_sidewalk_iou,
     sidewalk_iou_path,
 )
+from sidewalk_hf.metrics.sidewalk_iou import sidewalk_iou as sidewalk_iou_module
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN_IOU_KEYS = ("mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou", "per_category_accuracy")
@@ -200,6 +201,222 @@ def test_large_batches_equal_per_image_numpy_histograms():
             predictions=as_tensor(predictions), references=as_tensor(references)
         )
         assert_same_numbers(results, expected)
+
+
+# Two classes on a CPU are counted without a histogram (`_two_class_counts`) whenever predictions are 0 or 1 and
+# references 0, 1 or ignore_index; a block holding any other value goes to the general histogram
+# (`_count_histogram`). Most tests shrink the blocks so that small maps span many: 3 * 1016 pixels when a map is
+# int64, 8 times as many when both are uint8.
+SMALL_BLOCK_BYTES = 8 * 3 * 1016
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(sidewalk_iou_module, "_TWO_CLASS_BLOCK_BYTES", SMALL_BLOCK_BYTES)
+
+
+def block_pixels(*dtypes):
+    return sidewalk_iou_module._two_class_block_pixels(max(np.dtype(dtype).itemsize for dtype in dtypes))
+
+
+def two_class_maps(rng, num_pixels, ignore_index=255, ignored=0.2):
+    references = (rng.random(num_pixels) < 0.3).astype(np.int64)
+    references[rng.random(num_pixels) < ignored] = ignore_index
+    predictions = (rng.random(num_pixels) < 0.4).astype(np.int64)
+    return predictions, references
+
+
+def both_ways(predictions, references, ignore_index=255):
+    """The counts of the two-class path and of the general histogram, for the same flat maps."""
+    workspace = sidewalk_iou_module._Workspace()
+    prediction, reference = torch.from_numpy(predictions), torch.from_numpy(references)
+    fast = sidewalk_iou_module._count_two_classes(prediction, reference, ignore_index, workspace)
+    general = sidewalk_iou_module._count_histogram(prediction, reference, 2, ignore_index, workspace)
+    return fast.numpy(), general.numpy()
+
+
+def counted_without_histogram(predictions, references, ignore_index=255):
+    """What the fast path makes of one block (int64 maps narrowed as `_count_two_classes` does); None: fall back."""
+    workspace = sidewalk_iou_module._Workspace()
+    ignore_255 = ignore_index == 255
+    prediction_bytes = sidewalk_iou_module._as_bytes(predictions, 1, workspace, "prediction_bytes")
+    reference_bytes = sidewalk_iou_module._as_bytes(
+        references, 255 if ignore_255 else 1, workspace, "reference"
+    )
+    if prediction_bytes is None or reference_bytes is None:
+        return None
+    return sidewalk_iou_module._two_class_counts(prediction_bytes, reference_bytes, ignore_255, workspace)
+
+
+DTYPE_PAIRS = [(np.uint8, np.uint8), (np.int64, np.int64), (np.uint8, np.int64), (np.int64, np.uint8)]
+
+
+@pytest.mark.parametrize(("prediction_dtype", "reference_dtype"), DTYPE_PAIRS)
+@pytest.mark.parametrize("num_pixels", [0, 1, 999, 1016, 1017, "one block", "seven blocks and a bit"])
+def test_two_class_counts_equal_the_general_histogram(
+    small_blocks, prediction_dtype, reference_dtype, num_pixels
+):
+    block = block_pixels(prediction_dtype, reference_dtype)
+    num_pixels = {"one block": block, "seven blocks and a bit": 7 * block + 1234}.get(num_pixels, num_pixels)
+    rng = np.random.default_rng(num_pixels)
+    predictions, references = two_class_maps(rng, num_pixels)
+    predictions, references = predictions.astype(prediction_dtype), references.astype(reference_dtype)
+    labelled = references != 255
+    assert counted_without_histogram(predictions, references) == (
+        int(labelled.sum()),
+        int((references == 1).sum()),
+        int(((predictions == 1) & labelled).sum()),
+        int(((predictions == 1) & (references == 1)).sum()),
+    )
+    fast, general = both_ways(predictions, references)
+    np.testing.assert_array_equal(fast, general)
+    assert fast.sum() == labelled.sum()
+
+
+@pytest.mark.parametrize(("prediction_dtype", "reference_dtype"), DTYPE_PAIRS)
+def test_two_class_counts_equal_the_general_histogram_over_full_size_blocks(
+    prediction_dtype, reference_dtype
+):
+    rng = np.random.default_rng(6)
+    num_pixels = 2 * block_pixels(prediction_dtype, reference_dtype) + 54_321
+    predictions, references = two_class_maps(rng, num_pixels)
+    fast, general = both_ways(predictions.astype(prediction_dtype), references.astype(reference_dtype))
+    np.testing.assert_array_equal(fast, general)
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "dtype"),
+    [
+        ("prediction", 2, np.uint8),
+        ("prediction", 255, np.uint8),
+        ("prediction", 2, np.int64),
+        ("prediction", -1, np.int64),
+        ("prediction", 256, np.int64),  # 0 once narrowed to a byte
+        ("prediction", 257, np.int64),  # 1 once narrowed to a byte
+        ("prediction", 1 + 2**40, np.int64),
+        ("reference", 2, np.uint8),
+        ("reference", 254, np.uint8),
+        ("reference", 7, np.int64),
+        ("reference", -1, np.int64),  # 255 once narrowed to a byte
+        ("reference", 256, np.int64),
+        ("reference", 257, np.int64),
+        ("reference", 255 + 2**33, np.int64),
+    ],
+)
+def test_a_value_outside_zero_one_and_ignore_index_falls_back_to_the_general_histogram(
+    small_blocks, where, value, dtype
+):
+    rng = np.random.default_rng(5)
+    block = block_pixels(dtype)
+    num_pixels = 3 * block + 777
+    predictions, references = (array.astype(dtype) for array in two_class_maps(rng, num_pixels))
+    # One odd pixel in the second block, at a labelled pixel: that block alone falls back.
+    index = block + 2021
+    references[index] = 1
+    (predictions if where == "prediction" else references)[index] = value
+    for start in range(0, num_pixels, block):
+        counted = counted_without_histogram(
+            predictions[start : start + block], references[start : start + block]
+        )
+        assert (counted is None) == (start <= index < start + block)
+    fast, general = both_ways(predictions, references)
+    np.testing.assert_array_equal(fast, general)
+    # The odd value lands in the "outside" bin of the extended matrix, as mean_iou counts it.
+    assert fast[2].sum() + fast[:, 2].sum() == 1
+    metric = SidewalkIoU(num_labels=2, ignore_index=255)
+    metric.add_batch(
+        predictions=torch.from_numpy(predictions)[None], references=torch.from_numpy(references)[None]
+    )
+    assert_same_numbers(metric.compute(), mean_iou_per_image_histograms([predictions], [references], 2, 255))
+
+
+@pytest.mark.parametrize(
+    ("ignore_index", "dtype"), [(-100, np.int64), (7, np.uint8), (7, np.int64), (300, np.uint8)]
+)
+def test_an_ignore_index_other_than_255_is_counted_fast_only_where_no_pixel_is_ignored(
+    small_blocks, ignore_index, dtype
+):
+    rng = np.random.default_rng(11)
+    block = block_pixels(dtype)
+    predictions, references = two_class_maps(rng, 2 * block, ignore_index=0, ignored=0.0)
+    if ignore_index != 300:  # uint8 maps cannot hold 300: nothing is ignored
+        references[block:][rng.random(block) < 0.2] = ignore_index
+    predictions, references = predictions.astype(dtype), references.astype(dtype)
+    first, second = slice(0, block), slice(block, None)
+    assert counted_without_histogram(predictions[first], references[first], ignore_index) is not None
+    second_counted = counted_without_histogram(predictions[second], references[second], ignore_index)
+    assert (second_counted is None) == (ignore_index != 300)
+    fast, general = both_ways(predictions, references, ignore_index)
+    np.testing.assert_array_equal(fast, general)
+    # A 255 reference is an out-of-range label here, not an ignored pixel.
+    references[3] = 255
+    fast, general = both_ways(predictions, references, ignore_index)
+    np.testing.assert_array_equal(fast, general)
+    assert fast[2].sum() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.int32, torch.bool])
+def test_two_class_maps_of_the_usual_dtypes_never_reach_the_histogram(monkeypatch, dtype):
+    def no_histogram(*args, **kwargs):
+        raise AssertionError("the general histogram was used")
+
+    monkeypatch.setattr(sidewalk_iou_module, "_count_histogram", no_histogram)
+    rng = np.random.default_rng(2)
+    predictions = (rng.random((5, 300, 301)) < 0.4).astype(np.uint8)
+    references = (rng.random((5, 300, 301)) < 0.3).astype(np.uint8)
+    if dtype != torch.bool:
+        references[:, :20] = 255
+    expected = mean_iou_per_image_histograms(predictions, references, 2, 255)
+    metric = SidewalkIoU(num_labels=2, ignore_index=255)
+    metric.add_batch(
+        predictions=torch.from_numpy(predictions[:2]).to(dtype),
+        references=torch.from_numpy(references[:2]).to(dtype),
+    )
+    metric.add(prediction=torch.from_numpy(predictions[2]).to(dtype), reference=references[2])  # numpy uint8
+    results = metric.compute(
+        predictions=[torch.from_numpy(p).to(dtype) for p in predictions[3:]], references=list(references[3:])
+    )
+    assert_same_numbers(results, expected)
+
+
+@pytest.mark.parametrize("options", [{"reduce_labels": True}, {"label_map": {2: 1, 3: 255}}])
+def test_two_classes_with_label_map_or_reduce_labels_equal_per_image_numpy_histograms(options):
+    rng = np.random.default_rng(8)
+    predictions = (rng.random((4, 60, 70)) < 0.4).astype(np.uint8)
+    references = rng.integers(0, 4, (4, 60, 70)).astype(np.uint8)
+    references[:, :6] = 255
+    results = SidewalkIoU().compute(
+        predictions=torch.from_numpy(predictions),
+        references=torch.from_numpy(references),
+        num_labels=2,
+        ignore_index=255,
+        **options,
+    )
+    expected = mean_iou_per_image_histograms(list(predictions), list(references.copy()), 2, 255, **options)
+    assert_same_numbers(results, expected)
+
+
+def test_strided_maps_are_counted_like_contiguous_ones():
+    rng = np.random.default_rng(4)
+    predictions, references = (torch.from_numpy(array) for array in two_class_maps(rng, 2 * 50_000))
+    strided_predictions, strided_references = predictions[::2], references[::2]  # flat views with stride 2
+    assert not strided_predictions.is_contiguous()
+    results = SidewalkIoU(num_labels=2, ignore_index=255).compute(
+        predictions=strided_predictions[None], references=strided_references[None]
+    )
+    expected = SidewalkIoU(num_labels=2, ignore_index=255).compute(
+        predictions=strided_predictions.contiguous()[None], references=strided_references.contiguous()[None]
+    )
+    assert_same_numbers(results, expected)
+    np.testing.assert_array_equal(results["confusion_matrix"], expected["confusion_matrix"])
+
+
+@pytest.mark.parametrize("size", [0, 1, 1015, 1016, 1017, 5 * 1016 + 3, 300_000])
+def test_sum_of_small_values_is_exact(size):
+    random_values = np.random.default_rng(size).integers(0, 3, size).astype(np.uint8)
+    all_twos = np.full(size, 2, dtype=np.uint8)  # every byte lane sums to its largest possible value
+    for values in (random_values, all_twos):
+        assert sidewalk_iou_module._sum_of_small(values) == int(values.sum(dtype=np.int64))
 
 
 def test_memory_is_a_small_confusion_matrix_however_many_maps_are_added():

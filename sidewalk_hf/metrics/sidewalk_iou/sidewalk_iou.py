@@ -105,6 +105,13 @@ _FIXED_KEYS = _MEAN_IOU_KEYS + ("pixel_accuracy", "confusion_matrix")
 # On CPUs the maps are counted in slices of about this many bytes of input: the temporaries stay cache-sized and
 # are reused by the allocator instead of being page-faulted in afresh for every batch.
 _CPU_SLICE_BYTES = 1 << 21
+# `_sum_of_small` adds up to 127 rows of 8-byte words without carries between the byte lanes (127 * 2 < 256).
+_SUM_ROWS = 127
+_SUM_BLOCK = 8 * _SUM_ROWS
+# Two classes on a CPU (`_count_two_classes`) are counted in blocks of about this many bytes of the wider input
+# (a whole number of `_SUM_BLOCK` pixels): an int64 block read from memory by its check is still in cache when it
+# is narrowed to uint8, and so are the uint8 temporaries when they are counted.
+_TWO_CLASS_BLOCK_BYTES = 1 << 21
 
 
 class SidewalkIoU(evaluate.Metric):
@@ -343,7 +350,7 @@ def _num_maps(maps):
 
 
 def _count_maps(prediction_maps, reference_maps, device, settings, workspace=None):
-    counts = torch.zeros((settings["num_labels"] + 1,) * 2, dtype=torch.int64, device=device)
+    counts = None
     for index, (prediction, reference) in enumerate(zip(prediction_maps, reference_maps)):
         if tuple(prediction.shape) != tuple(reference.shape):
             where = "" if len(prediction_maps) == 1 else f"[{index}]"
@@ -351,12 +358,15 @@ def _count_maps(prediction_maps, reference_maps, device, settings, workspace=Non
                 f"predictions{where} has shape {tuple(prediction.shape)} but references{where} has shape "
                 f"{tuple(reference.shape)}; each prediction must have the size of its reference"
             )
-        counts += _count_confusion(
+        map_counts = _count_confusion(
             prediction.to(device, non_blocking=True),
             reference.to(device, non_blocking=True),
             **settings,
             workspace=workspace,
         )
+        counts = map_counts if counts is None else counts + map_counts
+    if counts is None:
+        counts = torch.zeros((settings["num_labels"] + 1,) * 2, dtype=torch.int64, device=device)
     return counts
 
 
@@ -402,6 +412,13 @@ def _count_confusion(
     workspace = workspace if workspace is not None else _Workspace()
     prediction = _as_countable(prediction.reshape(-1))
     reference = _as_countable(reference.reshape(-1))
+    if num_labels == 2 and ignore_index not in (0, 1) and reference.device.type == "cpu":
+        return _count_two_classes(prediction, reference, ignore_index, workspace)
+    return _count_histogram(prediction, reference, num_labels, ignore_index, workspace)
+
+
+def _count_histogram(prediction, reference, num_labels, ignore_index, workspace):
+    """`_count_confusion` of flat uint8 or int64 maps, for any number of classes: a histogram of pair keys."""
     slice_pixels = max(reference.numel(), 1)
     if reference.device.type == "cpu":
         slice_pixels = _CPU_SLICE_BYTES // max(prediction.element_size(), reference.element_size())
@@ -415,6 +432,107 @@ def _count_confusion(
     return key_counts.view(num_labels + 2, num_labels + 1)[1:]
 
 
+def _count_two_classes(prediction, reference, ignore_index, workspace):
+    """`_count_confusion` of flat uint8 or int64 CPU maps with two classes, without a histogram where possible.
+
+    Block by block: when the predictions are 0 or 1 and the references 0, 1 or `ignore_index`, the maps are taken
+    as uint8 (int64 ones are narrowed once their values are checked) and `_two_class_counts` derives the 2 x 2
+    matrix from a few vectorised passes. A block holding any other value is counted by the general histogram,
+    which gives such values the meaning `mean_iou` gives them. Ignored pixels are recognised this way only when
+    `ignore_index` is 255; with another `ignore_index` (never 0 or 1 here) only blocks whose references are all 0
+    or 1, such as blocks without ignored pixels, avoid the histogram.
+    """
+    ignore_255 = ignore_index == 255
+    prediction, reference = prediction.contiguous(), reference.contiguous()  # a flat view may be strided
+    prediction_array, reference_array = prediction.numpy(), reference.numpy()
+    block_pixels = _two_class_block_pixels(max(prediction_array.itemsize, reference_array.itemsize))
+    totals = (0, 0, 0, 0)
+    counts = None
+    for start in range(0, reference.numel(), block_pixels):
+        stop = start + block_pixels
+        counted = None
+        prediction_bytes = _as_bytes(prediction_array[start:stop], 1, workspace, "prediction_bytes")
+        if prediction_bytes is not None:
+            reference_bytes = _as_bytes(
+                reference_array[start:stop], 255 if ignore_255 else 1, workspace, "reference_bytes"
+            )
+            if reference_bytes is not None:
+                counted = _two_class_counts(prediction_bytes, reference_bytes, ignore_255, workspace)
+        if counted is not None:
+            totals = tuple(total + count for total, count in zip(totals, counted))
+            continue
+        block_counts = _count_histogram(
+            prediction[start:stop], reference[start:stop], 2, ignore_index, workspace
+        )
+        counts = block_counts if counts is None else counts + block_counts
+    labelled, reference_ones, predicted_ones, both_ones = totals
+    fast_counts = torch.tensor(
+        [
+            [labelled - reference_ones - predicted_ones + both_ones, predicted_ones - both_ones, 0],
+            [reference_ones - both_ones, both_ones, 0],
+            [0, 0, 0],
+        ],
+        dtype=torch.int64,
+    )
+    return fast_counts if counts is None else counts + fast_counts
+
+
+def _two_class_block_pixels(itemsize):
+    return max(_TWO_CLASS_BLOCK_BYTES // itemsize // _SUM_BLOCK, 1) * _SUM_BLOCK
+
+
+def _as_bytes(values, limit, workspace, name):
+    """A 1-D uint8 or int64 array as uint8, or None when an int64 value lies outside [0, limit] (limit < 256).
+
+    uint8 arrays are returned as they are. int64 ones are checked (their maximum as uint64, which also catches
+    negative values) and narrowed into a workspace array.
+    """
+    if values.dtype == np.uint8:
+        return values
+    if values.view(np.uint64).max(initial=0) > limit:
+        return None
+    out = workspace.array(name, values.size)
+    np.copyto(out, values, casting="unsafe")
+    return out
+
+
+def _two_class_counts(prediction, reference, ignore_255, workspace):
+    """(labelled pixels, labelled pixels of class 1, labelled pixels predicted 1, pixels of class 1 predicted 1) of
+    two 1-D uint8 maps, or None when a prediction is not 0 or 1, or a reference not 0, 1 or (if `ignore_255`) 255.
+
+    These four numbers determine the 2 x 2 confusion matrix. Nothing here is a histogram: a few vectorised passes
+    over uint8 arrays (maxima, counts of non-zero bytes, sums), each far cheaper than counting pixels into bins.
+    """
+    numel = reference.size
+    if prediction.max(initial=0) > 1 or (not ignore_255 and reference.max(initial=0) > 1):
+        return None
+    # 0 where ignored (255 + 1 wraps around), 1 for class 0, 2 for class 1; anything else was out of range.
+    classes = np.add(reference, 1, out=workspace.array("classes", numel))
+    if ignore_255 and classes.max(initial=0) > 2:
+        return None
+    labelled = np.count_nonzero(classes)
+    reference_ones = _sum_of_small(classes) - labelled
+    # The class code where the prediction is 1, else 0.
+    hits = np.multiply(classes, prediction, out=workspace.array("hits", numel))
+    predicted_ones = np.count_nonzero(hits)
+    both_ones = _sum_of_small(hits) - predicted_ones
+    return labelled, reference_ones, predicted_ones, both_ones
+
+
+def _sum_of_small(values):
+    """Exact sum of a 1-D uint8 array whose values are at most 2.
+
+    Summing `_SUM_ROWS` rows of uint64 words adds 8 byte lanes at once without carries between them; the lanes
+    are then summed as bytes. That is one vectorised pass, where `values.sum()` widens every byte first.
+    """
+    whole = values.size - values.size % _SUM_BLOCK
+    total = int(values[whole:].sum())
+    if whole:
+        lanes = values[:whole].view(np.uint64).reshape(_SUM_ROWS, -1).sum(axis=0)
+        total += int(lanes.view(np.uint8).sum())
+    return total
+
+
 class _Workspace:
     """Scratch tensors reused from slice to slice and batch to batch.
 
@@ -424,12 +542,20 @@ class _Workspace:
 
     def __init__(self):
         self._tensors = {}
+        self._arrays = {}
 
     def get(self, name, dtype, numel, device):
         tensor = self._tensors.get(name)
         if tensor is None or tensor.dtype != dtype or tensor.device != device or tensor.numel() < numel:
             tensor = self._tensors[name] = torch.empty(numel, dtype=dtype, device=device)
         return tensor[:numel]
+
+    def array(self, name, numel):
+        """A uint8 numpy array of `numel` elements, starting at the start of its buffer (so 8-byte aligned)."""
+        array = self._arrays.get(name)
+        if array is None or array.size < numel:
+            array = self._arrays[name] = np.empty(numel, dtype=np.uint8)
+        return array[:numel]
 
 
 def _as_countable(values):
