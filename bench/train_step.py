@@ -84,15 +84,18 @@ def build_model(family: str) -> LogitsOnly:
     if family == "smp":
         import segmentation_models_pytorch as smp
 
-        model = smp.DeepLabV3Plus(
-            encoder_name="tu-resnet101",
-            encoder_weights=None,
-            encoder_output_stride=16,
-            decoder_channels=256,
-            decoder_atrous_rates=(6, 12, 18),
-            decoder_aspp_dropout=0.1,
-            classes=NUM_CLASSES,
-        )
+        settings = {
+            "encoder_name": "tu-resnet101",
+            "encoder_weights": None,
+            "encoder_output_stride": 16,
+            "decoder_channels": 256,
+            "decoder_atrous_rates": (6, 12, 18),
+            "classes": NUM_CLASSES,
+        }
+        try:
+            model = smp.DeepLabV3Plus(**settings, decoder_aspp_dropout=0.1)
+        except TypeError:  # releases before the ASPP dropout became an argument: fixed 0.5, same cost
+            model = smp.DeepLabV3Plus(**settings)
         return LogitsOnly(model, family)
     if family == "torchvision":
         from torchvision.models.segmentation import deeplabv3_resnet101
