@@ -68,6 +68,18 @@ def describe_machine(info: dict) -> str:
     return f"{text}, load average {info['load_average_1min']} at start"
 
 
+def set_up_device(parser, args) -> torch.device:
+    """The device of `--device`, torch's thread count from `--threads`, cuDNN autotuning on GPUs."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

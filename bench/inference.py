@@ -43,6 +43,7 @@ from common import (
     interleaved_seconds,
     machine_info,
     print_table,
+    set_up_device,
     write_json,
 )
 from PIL import Image
@@ -225,13 +226,7 @@ def main():
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = set_up_device(parser, args)
     if args.measure_memory:
         measure_memory_in_this_process(args)
         return

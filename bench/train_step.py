@@ -47,6 +47,7 @@ from common import (
     interleaved_seconds,
     machine_info,
     print_table,
+    set_up_device,
     write_json,
 )
 from torch.utils.flop_counter import FlopCounterMode
@@ -324,13 +325,7 @@ def main():
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "train_step.json")
     args = parser.parse_args()
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = set_up_device(parser, args)
     if args.compile:
         args.warmup = max(args.warmup, 2)
     fast_settings = [Setting(amp=args.amp, channels_last=args.channels_last, compile=args.compile)]
