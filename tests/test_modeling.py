@@ -12,7 +12,7 @@ from sidewalk_hf import (
     WeightedDeepLabHead,
     convert_batchnorm_to_sync,
 )
-from sidewalk_hf.modeling_sidewalk_deeplab import create_backbone
+from sidewalk_hf.modeling_sidewalk_deeplab import AtrousConv2d, create_backbone
 
 DETECTRON2_R103_DEEPLABV3PLUS_PARAMETERS = 59_467_315  # 19 classes, learnable parameters
 DETECTRON2_R103_BACKBONE_PARAMETERS = 42_623_936
@@ -214,3 +214,55 @@ def test_sync_batchnorm_conversion_keeps_timm_norm_activation_layers():
     convert_batchnorm_to_sync(backbone)
     synced = [m for m in backbone.modules() if isinstance(m, timm.layers.norm_act.SyncBatchNormAct)]
     assert [type(m.act) for m in synced] == activations_before
+
+
+@pytest.mark.parametrize(
+    ("size", "dilation", "path"),
+    [
+        ((16, 16), 18, "centre tap"),  # rate 18 on a 256-px chip at stride 16
+        ((16, 16), 12, "sparse weight gradient"),
+        ((20, 20), 18, "sparse weight gradient"),
+        ((12, 30), 12, "sparse weight gradient"),
+        ((16, 16), 6, "dense"),
+        ((64, 64), 18, "dense"),
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_atrous_convolution_equals_the_dense_one(size, dilation, path, channels_last):
+    conv = AtrousConv2d(8, 4, 3, padding=dilation, dilation=dilation, bias=False).double()
+    fraction = conv.live_tap_fraction(*size)
+    expected_path = (
+        "centre tap" if dilation >= max(size) else "sparse weight gradient" if fraction < 0.5 else "dense"
+    )
+    assert expected_path == path
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 8, *size, dtype=torch.float64)
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    inputs.requires_grad_()
+    grad_output = torch.randn(2, 4, *size, dtype=torch.float64)
+
+    outputs = conv(inputs)
+    outputs.backward(grad_output)
+    reference_inputs = inputs.detach().clone().requires_grad_()
+    reference_weight = conv.weight.detach().clone().requires_grad_()
+    reference = torch.nn.functional.conv2d(
+        reference_inputs, reference_weight, padding=dilation, dilation=dilation
+    )
+    reference.backward(grad_output)
+
+    torch.testing.assert_close(outputs, reference, rtol=0, atol=1e-12)
+    torch.testing.assert_close(inputs.grad, reference_inputs.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(conv.weight.grad, reference_weight.grad, rtol=0, atol=1e-12)
+
+
+def test_aspp_rates_use_atrous_convolutions_with_unchanged_parameter_names(r101_on_meta):
+    branches = r101_on_meta.decode_head.aspp.branches
+    assert [type(branch.conv) for branch in branches] == [nn.Conv2d] + [AtrousConv2d] * 3
+    assert branches[3].conv.weight.shape == (256, 2048, 3, 3)
+    assert "decode_head.aspp.branches.3.conv.weight" in r101_on_meta.state_dict()
+
+
+def test_atrous_convolution_refuses_settings_it_does_not_reproduce():
+    with pytest.raises(ValueError, match="AtrousConv2d needs stride 1"):
+        AtrousConv2d(8, 4, 3, padding=1, dilation=2)
