@@ -24,10 +24,14 @@ def main():
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--output", help="where eval_<split>.json goes (default: the model folder)")
     parser.add_argument("--num_pictures", type=int, default=6)
+    parser.add_argument(
+        "--channels_last", action=argparse.BooleanOptionalAction, default=True,
+        help="channels-last memory format, as training's validation uses by default",
+    )  # fmt: skip
     args = parser.parse_args()
     evaluate_pretrained(
         args.model, args.dataset, args.split, batch_size=args.batch_size, num_workers=args.num_workers,
-        output_dir=args.output, num_pictures=args.num_pictures,
+        output_dir=args.output, num_pictures=args.num_pictures, channels_last=args.channels_last,
     )  # fmt: skip
 
 

@@ -100,9 +100,13 @@ def evaluate_pretrained(
     num_workers: int = 2,
     output_dir: str | Path | None = None,
     num_pictures: int = 6,
+    channels_last: bool = True,
 ) -> dict:
     """Evaluate a ``save_pretrained`` folder, run folder or Hub model on a split; write
-    ``eval_<split>.json`` (metrics and confusion matrix) and ``eval_<split>_overlays.png``."""
+    ``eval_<split>.json`` (metrics and confusion matrix) and ``eval_<split>_overlays.png``.
+
+    Channels-last by default, like training's validation, so both give the same figures for the same weights.
+    """
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
     from .data.streaming import SegmentationStream
@@ -110,7 +114,8 @@ def evaluate_pretrained(
     accelerator = Accelerator()
     model_path = resolve_model_path(model)
     network = AutoModelForSemanticSegmentation.from_pretrained(model_path, trust_remote_code=True)
-    network = network.to(accelerator.device).eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    network = network.to(accelerator.device, memory_format=memory_format).eval()
     processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=True)
     stream = SegmentationStream(
         dataset, split, per_process_batch_size=batch_size, training=False,
@@ -121,7 +126,7 @@ def evaluate_pretrained(
         stream, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0)
     )
     result = evaluate_model(
-        network, loader, accelerator, num_pictures=num_pictures, progress=True
+        network, loader, accelerator, num_pictures=num_pictures, channels_last=channels_last, progress=True
     )
     if accelerator.is_main_process:
         out = Path(output_dir) if output_dir else (Path(model_path) if Path(model_path).is_dir() else Path("eval"))

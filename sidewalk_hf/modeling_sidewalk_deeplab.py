@@ -6,11 +6,15 @@ normalised (the image processor normalises, as everywhere in transformers), and 
 global, which equals Detectron2's fixed pooling kernel at its training crop size and works at any input size.
 """
 
+import itertools
+
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import FeatureDictNet
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils import logging
@@ -418,6 +422,11 @@ class SidewalkDeepLabForSemanticSegmentation(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also map `AutoModel` in `auto_map`: `register_for_auto_class` records a single Auto class."""
+        if getattr(self, "_optimized_for_inference", False):
+            raise RuntimeError(
+                "this model was prepared with optimize_for_inference(): its batch norms are folded into its "
+                "convolutions and its weights no longer match its config; save it before optimizing"
+            )
         if getattr(self, "_auto_class", None) is not None:
             module_name = type(self).__module__.split(".")[-1]
             self.config.auto_map = {
@@ -425,6 +434,28 @@ class SidewalkDeepLabForSemanticSegmentation(PreTrainedModel):
                 "AutoModel": f"{module_name}.{type(self).__name__}",
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def optimize_for_inference(self, channels_last: bool = True) -> "SidewalkDeepLabForSemanticSegmentation":
+        """Switch to eval mode, fold every batch norm into the convolution before it and, by default, move to
+        channels-last: the same class maps (logits equal up to float rounding) for less work per image.
+
+        For inference only: the model can no longer be trained or saved (it lacks its batch norms), so save
+        first. Returns the model, to chain after `from_pretrained(...)`.
+        """
+        self.eval()
+        fold_batch_norms(self)
+        self._optimized_for_inference = True
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
+
+    def train(self, mode: bool = True):
+        if mode and getattr(self, "_optimized_for_inference", False):
+            raise RuntimeError(
+                "this model was prepared with optimize_for_inference(): its batch norms are folded into its "
+                "convolutions, so it cannot train; load it again with from_pretrained to train"
+            )
+        return super().train(mode)
 
     def forward(
         self,
@@ -467,3 +498,38 @@ def convert_batchnorm_to_sync(model: nn.Module) -> nn.Module:
     activation.
     """
     return timm.layers.convert_sync_batchnorm(model)
+
+
+# Containers whose children run one after the other in registration order, so that a BatchNorm registered
+# right after a convolution normalises exactly that convolution's output.
+SEQUENTIAL_CONTAINERS = (nn.Sequential, FeatureDictNet, ConvNormReLU, Bottleneck, BasicBlock)
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """Fold each eval-mode `BatchNorm2d` that directly follows a convolution into it; returns how many.
+
+    Inference only: the convolution gets the normalisation's scale and shift (`fuse_conv_bn_eval`) and the
+    normalisation becomes an identity, so every convolution-normalisation pair runs as one convolution. Only
+    containers known to run their children in order are looked into (timm's ResNet blocks and feature
+    wrapper, `nn.Sequential`, this model's layers); norms elsewhere, and timm's fused norm-activation layers,
+    are left as they are.
+    """
+    folded = 0
+    for container in list(model.modules()):
+        if not isinstance(container, SEQUENTIAL_CONTAINERS):
+            continue
+        names = list(container._modules)
+        for conv_name, norm_name in itertools.pairwise(names):
+            norm, owner = container._modules[norm_name], container
+            conv = container._modules[conv_name]
+            while isinstance(conv, nn.Sequential) and len(conv) > 0:  # a stem ending in a convolution
+                owner, conv_name = conv, str(len(conv) - 1)
+                conv = conv[-1]
+            if type(norm) is not nn.BatchNorm2d or not isinstance(conv, nn.Conv2d):
+                continue
+            if not norm.track_running_stats or conv.training or norm.training:
+                continue
+            setattr(owner, conv_name, fuse_conv_bn_eval(conv, norm))
+            setattr(container, norm_name, nn.Identity())
+            folded += 1
+    return folded

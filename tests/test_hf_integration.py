@@ -233,3 +233,51 @@ def test_fresh_process_without_the_package_loads_with_trust_remote_code(saved_di
     assert result["base_class"] == "SidewalkDeepLabForSemanticSegmentation"
     assert result["same_logits"] is True
     assert set(result["pipeline_labels"]) <= {"background", "sidewalk"} and result["pipeline_labels"]
+
+
+@pytest.fixture()
+def model_with_trained_norms(saved_dir):
+    """The saved tiny model with batch-norm statistics and affine parameters that are far from the identity."""
+    model = AutoModelForSemanticSegmentation.from_pretrained(saved_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                for tensor, low, high in ((module.running_mean, -0.5, 0.5), (module.running_var, 0.3, 3.0),
+                                          (module.weight, 0.5, 1.5), (module.bias, -0.5, 0.5)):  # fmt: skip
+                    tensor.copy_(torch.empty(tensor.shape).uniform_(low, high, generator=generator))
+    return model.eval()
+
+
+def test_optimize_for_inference_folds_every_batch_norm_and_keeps_the_predictions(
+    model_with_trained_norms, saved_dir, chip
+):
+    processor = AutoImageProcessor.from_pretrained(saved_dir)
+    pixel_values = processor(chip, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        reference = model_with_trained_norms(pixel_values=pixel_values).logits
+    norms_before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model_with_trained_norms.modules())
+
+    optimized = model_with_trained_norms.optimize_for_inference()
+    assert norms_before > 10
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in optimized.modules())
+    assert optimized.decode_head.classifier.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        logits = optimized(pixel_values=pixel_values).logits
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+    assert torch.equal(logits.argmax(1), reference.argmax(1))
+
+    segmenter = pipeline("image-segmentation", model=optimized, image_processor=processor)
+    masks = {result["label"]: np.asarray(result["mask"]) == 255 for result in segmenter(chip)}
+    assert masks
+    for label, mask in masks.items():
+        np.testing.assert_array_equal(mask, reference[0].argmax(0).numpy() == optimized.config.label2id[label])
+
+
+def test_a_model_optimized_for_inference_refuses_to_train_or_save(model_with_trained_norms, tmp_path):
+    optimized = model_with_trained_norms.optimize_for_inference(channels_last=False)
+    with pytest.raises(RuntimeError, match="cannot train"):
+        optimized.train()
+    with pytest.raises(RuntimeError, match="save it before optimizing"):
+        optimized.save_pretrained(tmp_path / "folded")
+    assert not (tmp_path / "folded").exists()
