@@ -23,6 +23,15 @@ demo: venv
 test: venv
 	HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 $(PY) -m pytest -n 2 --durations=15 tests
 
+# The CPU benchmarks of bench/README.md (about 40 minutes on 2 cores); `bash bench/gpu.sh` on a CUDA machine.
+bench: venv
+	$(PY) -m pip install --quiet -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(PY) bench/train_step.py --fast-peers --sizes 2x256 2x320 8x256
+	HF_HUB_OFFLINE=1 $(PY) bench/inference.py
+	HF_HUB_OFFLINE=1 $(PY) bench/stream_memory.py
+	HF_HUB_OFFLINE=1 $(PY) bench/data_throughput.py
+	HF_HUB_OFFLINE=1 $(PY) bench/metric_speed.py --threads 1
+
 lint: venv
 	$(VENV)/bin/ruff check sidewalk_hf scripts tests bench
 

@@ -10,8 +10,8 @@ to a temporary folder, which every contender loads, as users do:
 - `pipeline`, called on the list of PIL chips, once with its default batch size of 1 and once with
   `--batch-size`;
 - `direct eager`: image processor, model in float32 NCHW under `torch.no_grad`, argmax, in batches;
-- `direct fast`: the same in our inference defaults: channels-last, `torch.inference_mode` (and bf16
-  autocast with `--amp bf16`).
+- `direct fast`: the same in our inference defaults: `optimize_for_inference()` (batch norms folded into the
+  convolutions, channels-last), `torch.inference_mode` (and bf16 autocast with `--amp bf16`).
 
 All include pre-processing (PIL to normalised tensors) and the class map at the end. Before timing, the
 pipeline's masks for the first chip and both direct paths' class maps must agree (at least 98% of pixels;
@@ -99,7 +99,7 @@ class Contenders:
         if "direct eager" in names:
             self.eager_model = self.load_model(folder)
         if "direct fast" in names:
-            self.fast_model = self.load_model(folder).to(memory_format=torch.channels_last)
+            self.fast_model = self.load_model(folder).optimize_for_inference(channels_last=True)
 
     def load_model(self, folder: Path) -> torch.nn.Module:
         model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True)
