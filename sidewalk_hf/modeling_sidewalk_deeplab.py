@@ -107,7 +107,7 @@ class _PaddingSkippingConv2dFunction(torch.autograd.Function):
                 False, [0, 0], 1, [True, False, False],
             )[0]  # fmt: skip
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+            grad_weight = torch.zeros_like(weight)
             height, width = inputs.shape[-2:]
             rows = live_tap_offsets(height, weight.shape[-2], ctx.dilation[0])
             cols = live_tap_offsets(width, weight.shape[-1], ctx.dilation[1])
