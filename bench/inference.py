@@ -9,6 +9,8 @@ to a temporary folder, which every contender loads, as users do:
 
 - `pipeline`, called on the list of PIL chips, once with its default batch size of 1 and once with
   `--batch-size`;
+- `pipeline fast`: the pipeline (batch size 1) over our model after `optimize_for_inference()`, in bf16
+  weights with `--amp bf16` (a pipeline casts its inputs to the model's dtype);
 - `direct eager`: image processor, model in float32 NCHW under `torch.no_grad`, argmax, in batches;
 - `direct fast`: the same in our inference defaults: `optimize_for_inference()` (batch norms folded into the
   convolutions, channels-last), `torch.inference_mode` (and bf16 autocast with `--amp bf16`).
@@ -56,7 +58,7 @@ from sidewalk_hf import (
     save_pretrained_with_processor,
 )
 
-CONTENDERS = ("pipeline batch 1", "pipeline batch B", "direct eager", "direct fast")
+CONTENDERS = ("pipeline batch 1", "pipeline batch B", "pipeline fast batch 1", "direct eager", "direct fast")
 MIN_AGREEMENT = 0.98
 MEMORY_MARKER = "peak memory: "
 
@@ -96,6 +98,13 @@ class Contenders:
             self.segmenter = pipeline(
                 "image-segmentation", model=str(folder), device=device, trust_remote_code=True
             )
+        if "pipeline fast batch 1" in names:
+            fast_model = self.load_model(folder).optimize_for_inference(channels_last=True)
+            if amp == "bf16":  # a pipeline casts its inputs to the model's dtype
+                fast_model = fast_model.to(torch.bfloat16)
+            self.fast_segmenter = pipeline(
+                "image-segmentation", model=fast_model, image_processor=self.processor, device=device
+            )
         if "direct eager" in names:
             self.eager_model = self.load_model(folder)
         if "direct fast" in names:
@@ -110,6 +119,9 @@ class Contenders:
             return self.segmenter(chips)
         if name == "pipeline batch B":
             return self.segmenter(chips, batch_size=self.batch_size)
+        if name == "pipeline fast batch 1":
+            with torch.inference_mode():
+                return self.fast_segmenter(chips)
         if name == "direct eager":
             return self.direct(self.eager_model, chips, torch.no_grad, nullcontext(), torch.contiguous_format)
         return self.direct(self.fast_model, chips, torch.inference_mode, self.autocast, torch.channels_last)
@@ -142,9 +154,14 @@ def check_comparable(contenders: Contenders, chips: list[Image.Image], label2id:
     eager = contenders.run("direct eager", first)
     fast = contenders.run("direct fast", first)
     piped = contenders.run("pipeline batch B", first)
+    piped_fast = contenders.run("pipeline fast batch 1", first)
     size = (first[0].height, first[0].width)
     agreement = {}
-    for name, maps in (("direct fast", fast), ("pipeline", [pipeline_class_map(s, label2id) for s in piped])):
+    for name, maps in (
+        ("direct fast", fast),
+        ("pipeline", [pipeline_class_map(s, label2id) for s in piped]),
+        ("pipeline fast", [pipeline_class_map(s, label2id) for s in piped_fast]),
+    ):
         if len(maps) != len(first) or any(tuple(m.shape) != size for m in maps):
             raise RuntimeError(f"{name} returned {len(maps)} maps of shapes {[tuple(m.shape) for m in maps]}")
         agreement[name] = float(torch.stack([m == e for m, e in zip(maps, eager)]).float().mean())
@@ -254,7 +271,7 @@ def main():
         print("peak memory, one fresh process per contender", flush=True)
         memory = {name: memory_of(name, args, folder) for name in CONTENDERS}
 
-    batch_of = {"pipeline batch 1": 1}
+    batch_of = {"pipeline batch 1": 1, "pipeline fast batch 1": 1}
     rows = []
     for name in CONTENDERS:
         rows.append({
