@@ -131,8 +131,9 @@ class AtrousConv2d(nn.Conv2d):
 
     ASPP's large rates meet small feature maps: a 256-px chip gives a 16x16 map at output stride 16, on which
     the rate-18 branch reads data through its centre tap only, so it runs as a 1x1 convolution with that tap.
-    Otherwise, when training on a CPU in float32/float64 with fewer than half of the tap positions reading
-    data (the rate-12 branch at 256 and 320 px), the weight gradient is summed over those positions alone.
+    Otherwise, when training on a CPU (float32, float64 or bf16 autocast) with fewer than half of the tap
+    positions reading data (the rate-12 branch at 256 and 320 px), the weight gradient is summed over those
+    positions alone.
     The parameters are `nn.Conv2d`'s, so checkpoints are unchanged. `skip_padding` switches this off (to
     count the dense convolution's FLOPs, or to compare).
     """
@@ -166,13 +167,18 @@ class AtrousConv2d(nn.Conv2d):
         if (
             self.bias is None
             and inputs.device.type == "cpu"
-            and inputs.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled("cpu")
             and torch.is_grad_enabled()
             and self.weight.requires_grad
             and self.live_tap_fraction(height, width) < 0.5
         ):
-            return _PaddingSkippingConv2dFunction.apply(inputs, self.weight, self.padding, self.dilation)
+            if not torch.is_autocast_enabled("cpu"):
+                return _PaddingSkippingConv2dFunction.apply(inputs, self.weight, self.padding, self.dilation)
+            # What autocast does for a convolution: both operands in the autocast dtype (bf16 on CPUs).
+            dtype = torch.get_autocast_dtype("cpu")
+            with torch.autocast("cpu", enabled=False):
+                return _PaddingSkippingConv2dFunction.apply(
+                    inputs.to(dtype), self.weight.to(dtype), self.padding, self.dilation
+                )
         return super().forward(inputs)
 
     def live_tap_fraction(self, height: int, width: int) -> float:

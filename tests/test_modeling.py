@@ -243,6 +243,8 @@ def test_atrous_convolution_equals_the_dense_one(size, dilation, path, channels_
     grad_output = torch.randn(2, 4, *size, dtype=torch.float64)
 
     outputs = conv(inputs)
+    ran_sparse_gradient = "PaddingSkipping" in type(outputs.grad_fn).__name__
+    assert ran_sparse_gradient == (path == "sparse weight gradient")
     outputs.backward(grad_output)
     reference_inputs = inputs.detach().clone().requires_grad_()
     reference_weight = conv.weight.detach().clone().requires_grad_()
@@ -266,3 +268,27 @@ def test_aspp_rates_use_atrous_convolutions_with_unchanged_parameter_names(r101_
 def test_atrous_convolution_refuses_settings_it_does_not_reproduce():
     with pytest.raises(ValueError, match="AtrousConv2d needs stride 1"):
         AtrousConv2d(8, 4, 3, padding=1, dilation=2)
+
+
+def test_atrous_convolution_under_bf16_autocast_matches_autocasts_own_convolution():
+    torch.manual_seed(0)
+    conv = AtrousConv2d(32, 16, 3, padding=12, dilation=12, bias=False)
+    assert conv.live_tap_fraction(16, 16) < 0.5  # the sparse weight gradient path
+    inputs = torch.randn(2, 32, 16, 16, requires_grad=True)
+    grad_output = torch.randn(2, 16, 16, 16)
+    results = []
+    for skip_padding in (True, False):
+        conv.skip_padding, conv.weight.grad, inputs.grad = skip_padding, None, None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = conv(inputs)
+        assert ("PaddingSkipping" in type(outputs.grad_fn).__name__) == skip_padding
+        outputs.backward(grad_output.to(outputs.dtype))
+        results.append((outputs.detach(), inputs.grad.clone(), conv.weight.grad.clone()))
+    (outputs, grad_inputs, grad_weight), (ref_outputs, ref_grad_inputs, ref_grad_weight) = results
+    assert outputs.dtype == ref_outputs.dtype == torch.bfloat16
+    assert grad_weight.dtype == torch.float32 and grad_inputs.dtype == torch.float32
+    torch.testing.assert_close(outputs, ref_outputs, rtol=0, atol=0)
+    torch.testing.assert_close(grad_inputs, ref_grad_inputs, rtol=0, atol=0)
+    torch.testing.assert_close(
+        grad_weight, ref_grad_weight, rtol=2e-2, atol=1e-2 * ref_grad_weight.abs().max().item()
+    )
