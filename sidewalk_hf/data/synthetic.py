@@ -83,6 +83,7 @@ class Chip:
     centerlines: list[list[list[float]]]
     sidewalk_px: int
     hidden_sidewalk_px: int
+    sidewalk_width_px: float = 0.0  # across a sidewalk, the width that buffers a centerline into its mask
 
 
 # ---- randomness -----------------------------------------------------------------------------------------
@@ -121,15 +122,17 @@ def _cell_uniform(key: int, *indices) -> np.ndarray:
     return _hash_uniform(_cell_hash(key, *indices))
 
 
-def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Low-frequency noise in about [-1, 1]: a (cells + 1)^2 random grid upsampled bilinearly to size^2."""
-    grid = rng.uniform(-1.0, 1.0, (cells + 1, cells + 1)).astype(np.float32)
-    pos = (np.arange(size, dtype=np.float32) + 0.5) * (cells / size)
-    i0 = np.minimum(pos.astype(np.int64), cells - 1)
-    f = (pos - i0)[:, None]
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], cells: tuple[int, int]) -> np.ndarray:
+    """Low-frequency noise in about [-1, 1]: a (cells + 1) random grid upsampled bilinearly to ``shape``."""
+    grid = rng.uniform(-1.0, 1.0, (cells[0] + 1, cells[1] + 1)).astype(np.float32)
+    (height, width), (cells_y, cells_x) = shape, cells
+    pos_y = (np.arange(height, dtype=np.float32) + 0.5) * (cells_y / height)
+    pos_x = (np.arange(width, dtype=np.float32) + 0.5) * (cells_x / width)
+    i0, j0 = np.minimum(pos_y.astype(np.int64), cells_y - 1), np.minimum(pos_x.astype(np.int64), cells_x - 1)
+    f = (pos_y - i0)[:, None]
     rows = grid[i0] * (1 - f) + grid[i0 + 1] * f
-    f = (pos - i0)[None, :]
-    return rows[:, i0] * (1 - f) + rows[:, i0 + 1] * f
+    f = (pos_x - j0)[None, :]
+    return rows[:, j0] * (1 - f) + rows[:, j0 + 1] * f
 
 
 def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -152,12 +155,12 @@ def _cast_shadow(mask: np.ndarray, dy: float, dx: float) -> np.ndarray:
     return out
 
 
-def _clip_segment(p0, p1, size: float):
-    """Liang-Barsky clipping of segment p0-p1 to the square [0, size]^2; None when outside."""
+def _clip_segment(p0, p1, width: float, height: float):
+    """Liang-Barsky clipping of segment p0-p1 to the rectangle [0, width] x [0, height]; None when outside."""
     (x0, y0), (x1, y1) = p0, p1
     dx, dy = x1 - x0, y1 - y0
     t0, t1 = 0.0, 1.0
-    for p, q in ((-dx, x0), (dx, size - x0), (-dy, y0), (dy, size - y0)):
+    for p, q in ((-dx, x0), (dx, width - x0), (-dy, y0), (dy, height - y0)):
         if p == 0:
             if q < 0:
                 return None
@@ -179,7 +182,8 @@ def _clip_segment(p0, p1, size: float):
 class _Grid:
     """The street grid of one chip in a rotated frame (u, v): roads at u = k * period_u and v = l * period_v."""
 
-    size: int
+    height: int
+    width: int
     angle: float
     offset_u: float
     offset_v: float
@@ -193,15 +197,15 @@ class _Grid:
     key: int
 
     def to_frame(self, x, y):
-        c, s, half = math.cos(self.angle), math.sin(self.angle), self.size / 2
-        u = (x - half) * c + (y - half) * s + self.offset_u
-        v = -(x - half) * s + (y - half) * c + self.offset_v
+        c, s, half_x, half_y = math.cos(self.angle), math.sin(self.angle), self.width / 2, self.height / 2
+        u = (x - half_x) * c + (y - half_y) * s + self.offset_u
+        v = -(x - half_x) * s + (y - half_y) * c + self.offset_v
         return u, v
 
     def to_pixels(self, u, v):
-        c, s, half = math.cos(self.angle), math.sin(self.angle), self.size / 2
+        c, s, half_x, half_y = math.cos(self.angle), math.sin(self.angle), self.width / 2, self.height / 2
         du, dv = u - self.offset_u, v - self.offset_v
-        return half + du * c - dv * s, half + du * s + dv * c
+        return half_x + du * c - dv * s, half_y + du * s + dv * c
 
     def crossing(self, k, l, side, across_u_road: bool):
         """Whether the intersection (k, l) has a crossing on ``side`` (+1/-1) across the given road."""
@@ -214,13 +218,13 @@ class _Grid:
         return self.road_half_v + self.strip + self.walk / 2
 
 
-def _draw_grid(rng: np.random.Generator, size: int) -> _Grid:
-    """A random street grid; lengths scale with the chip size and a per-chip ground resolution."""
-    px = size / _REFERENCE_CHIP_PX * rng.uniform(0.8, 1.25)
+def _draw_grid(rng: np.random.Generator, height: int, width: int, px: float) -> _Grid:
+    """A random street grid; lengths are in units of ``px`` pixels (the scene's ground resolution)."""
     halves = sorted([rng.uniform(9, 15), rng.uniform(7, 12)], reverse=rng.random() < 0.5)
     period_u, period_v = rng.uniform(190, 400) * px, rng.uniform(190, 560) * px
     return _Grid(
-        size=size,
+        height=height,
+        width=width,
         angle=rng.uniform(0, math.pi / 2),
         offset_u=rng.uniform(0, period_u),
         offset_v=rng.uniform(0, period_v),
@@ -242,8 +246,8 @@ def _centerlines(grid: _Grid) -> list[list[list[float]]]:
     it meets a crossing road it continues over the crossing if there is one, else it stops at the corner,
     where it meets the perpendicular sidewalk's centerline.
     """
-    size = grid.size
-    corners_u, corners_v = grid.to_frame(np.array([0, size, 0, size]), np.array([0, 0, size, size]))
+    width, height = grid.width, grid.height
+    corners_u, corners_v = grid.to_frame(np.array([0, width, 0, width]), np.array([0, 0, height, height]))
     lines = []
     for along_v in (True, False):  # lines of constant u run along v, and the other way round
         period_a, period_b = (grid.period_u, grid.period_v) if along_v else (grid.period_v, grid.period_u)
@@ -268,7 +272,7 @@ def _centerlines(grid: _Grid) -> list[list[list[float]]]:
                     if b1 <= b0:
                         continue
                     ends = [grid.to_pixels(a, b) if along_v else grid.to_pixels(b, a) for b in (b0, b1)]
-                    clipped = _clip_segment(ends[0], ends[1], size)
+                    clipped = _clip_segment(ends[0], ends[1], width, height)
                     if clipped and math.dist(*clipped) > 0.5:
                         lines.append([[round(float(c), 3) for c in point] for point in clipped])
     return lines
@@ -295,11 +299,11 @@ class _Canopy:
     x1: int
 
 
-def _tree_canopy(rng, size, cy, cx, radius, light_dy, light_dx) -> _Canopy | None:
+def _tree_canopy(rng, shape, cy, cx, radius, light_dy, light_dx) -> _Canopy | None:
     """A lobed disk, brighter on the side the light comes from and darker at its rim; None when off the chip."""
     reach = radius * 1.25
-    y0, y1 = max(0, int(cy - reach)), min(size, int(cy + reach) + 2)
-    x0, x1 = max(0, int(cx - reach)), min(size, int(cx + reach) + 2)
+    y0, y1 = max(0, int(cy - reach)), min(shape[0], int(cy + reach) + 2)
+    x0, x1 = max(0, int(cx - reach)), min(shape[1], int(cx + reach) + 2)
     if y0 >= y1 or x0 >= x1:
         return None
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
@@ -314,13 +318,54 @@ def _tree_canopy(rng, size, cy, cx, radius, light_dy, light_dx) -> _Canopy | Non
 
 
 def render_chip(rng: np.random.Generator, chip_size_px: int, occluded_sidewalk_fraction: float) -> Chip:
-    """Render one chip; all randomness comes from ``rng``."""
-    size = chip_size_px
-    grid = _draw_grid(rng, size)
+    """Render one chip; all randomness comes from ``rng``.
+
+    The ground resolution changes from chip to chip: lengths are drawn in units of a 256-px chip's pixel,
+    scaled by ``chip_size_px / 256`` and a random factor in [0.8, 1.25].
+    """
+    px = chip_size_px / _REFERENCE_CHIP_PX * rng.uniform(0.8, 1.25)
+    return render_scene(
+        rng,
+        chip_size_px,
+        chip_size_px,
+        px,
+        occluded_sidewalk_fraction,
+        smooth_cells=(6, 6),
+        area_factor=(chip_size_px / _REFERENCE_CHIP_PX) ** 2,
+        partial_annotation=True,
+    )
+
+
+def render_scene(
+    rng: np.random.Generator,
+    height_px: int,
+    width_px: int,
+    px: float,
+    occluded_sidewalk_fraction: float,
+    *,
+    smooth_cells: tuple[int, int] | None = None,
+    area_factor: float | None = None,
+    partial_annotation: bool = False,
+) -> Chip:
+    """Render a ``height_px`` x ``width_px`` scene whose lengths are in units of ``px`` pixels.
+
+    ``px`` = 1 is the scale of a 256-px chip (a sidewalk about 7.5 px wide). ``smooth_cells`` (the grid of
+    the low-frequency colour variation) and ``area_factor`` (the number of 256x256 reference areas, which
+    sets the number of yard trees) default to values proportional to the scene's size at its scale.
+    ``partial_annotation`` lets the edge of the annotated area cross the scene on some draws (chips only).
+    """
+    height, width = height_px, width_px
+    reference_px = _REFERENCE_CHIP_PX * px
+    if smooth_cells is None:
+        smooth_cells = (max(1, round(6 * height / reference_px)), max(1, round(6 * width / reference_px)))
+    if area_factor is None:
+        area_factor = height * width / reference_px**2
+    grid = _draw_grid(rng, height, width, px)
     px = grid.walk / 7.5  # a length unit that follows the chip's ground resolution
 
-    coords = np.arange(size, dtype=np.float32) + 0.5
-    u, v = grid.to_frame(coords[None, :], coords[:, None])
+    rows = np.arange(height, dtype=np.float32) + 0.5
+    cols = np.arange(width, dtype=np.float32) + 0.5
+    u, v = grid.to_frame(cols[None, :], rows[:, None])
     k, l = np.round(u / grid.period_u), np.round(v / grid.period_v)
     du, dv = np.abs(u - k * grid.period_u), np.abs(v - l * grid.period_v)
     side_u, side_v = np.where(u >= k * grid.period_u, 1, -1), np.where(v >= l * grid.period_v, 1, -1)
@@ -342,7 +387,7 @@ def render_chip(rng: np.random.Generator, chip_size_px: int, occluded_sidewalk_f
 
     # ---- ground materials, as a map of material codes coloured in one lookup
     joint, dash, stripe = 6.0 * px, 9.0 * px, 2.4 * px
-    material = np.full((size, size), _LAWN, np.uint8)
+    material = np.full((height, width), _LAWN, np.uint8)
     material[planting] = _PLANTING
     material[road] = _ROAD
     material[sidewalk] = _SIDEWALK
@@ -424,7 +469,7 @@ def render_chip(rng: np.random.Generator, chip_size_px: int, occluded_sidewalk_f
     )
     # low-frequency variation: patchy lawns, stained asphalt, weathered concrete
     variation = np.array([0.18, 0.18, 0.06, 0.04, 0.04, 0.04, 0.0, 0.03, 0.06], np.float32)
-    patches = _smooth_field(rng, size, 6)
+    patches = _smooth_field(rng, (height, width), smooth_cells)
     image = (colours * tint)[material]
     image *= 1 + (variation[material] * patches)[..., None] * np.array([1.0, 0.7, 1.2], np.float32)
     image[roof] = roof_colour
@@ -432,8 +477,8 @@ def render_chip(rng: np.random.Generator, chip_size_px: int, occluded_sidewalk_f
     # ---- shadows (sun direction fixed per chip), then trees
     sun = rng.uniform(0, 2 * np.pi)
     shadow_dy, shadow_dx = math.sin(sun), math.cos(sun)
-    height = rng.uniform(3, 9) * px
-    shadow = _cast_shadow(roof, shadow_dy * height, shadow_dx * height) & ~roof
+    roof_height = rng.uniform(3, 9) * px
+    shadow = _cast_shadow(roof, shadow_dy * roof_height, shadow_dx * roof_height) & ~roof
 
     canopy_any = np.zeros_like(road)
     tree_shadow = np.zeros_like(road)
@@ -449,13 +494,13 @@ def render_chip(rng: np.random.Generator, chip_size_px: int, occluded_sidewalk_f
 
     # yard trees, kept off the sidewalks so that the street trees below set the hidden share
     outer_u, outer_v = hu + strip + walk, hv + strip + walk
-    for _ in range(rng.poisson(rng.uniform(2, 14) * (size / _REFERENCE_CHIP_PX) ** 2)):
-        cy, cx = rng.uniform(0, size, 2)
+    for _ in range(rng.poisson(rng.uniform(2, 14) * area_factor)):
+        cy, cx = rng.uniform(0, 1, 2) * (height, width)
         radius = rng.uniform(4, 11) * px
         cu, cv = grid.to_frame(cx, cy)
         clear_u = abs(cu - round(cu / grid.period_u) * grid.period_u) - outer_u
         clear_v = abs(cv - round(cv / grid.period_v) * grid.period_v) - outer_v
-        tree = _tree_canopy(rng, size, cy, cx, radius, -shadow_dy, -shadow_dx)
+        tree = _tree_canopy(rng, (height, width), cy, cx, radius, -shadow_dy, -shadow_dx)
         if tree is not None and min(clear_u, clear_v) > radius * 1.25:
             add_tree(tree)
 
@@ -465,12 +510,12 @@ def render_chip(rng: np.random.Generator, chip_size_px: int, occluded_sidewalk_f
     hidden_px = int(hidden.sum())
     target = sidewalk_px * min(0.5, occluded_sidewalk_fraction * rng.uniform(0.5, 1.5))
     walk_rows, walk_cols = np.nonzero(sidewalk & ~crossing)
-    for _ in range(80):
+    for _ in range(80 * max(1, math.ceil(area_factor))):
         if hidden_px >= target or len(walk_rows) == 0:
             break
         pick = int(rng.integers(len(walk_rows)))
         cy, cx = walk_rows[pick] + rng.uniform(0, 1), walk_cols[pick] + rng.uniform(0, 1)
-        tree = _tree_canopy(rng, size, cy, cx, rng.uniform(4, 9) * px, -shadow_dy, -shadow_dx)
+        tree = _tree_canopy(rng, (height, width), cy, cx, rng.uniform(4, 9) * px, -shadow_dy, -shadow_dx)
         if tree is None:
             continue
         box = np.s_[tree.y0 : tree.y1, tree.x0 : tree.x1]
@@ -488,16 +533,18 @@ def render_chip(rng: np.random.Generator, chip_size_px: int, occluded_sidewalk_f
 
     # ---- camera: exposure, white balance, vignetting-like light falloff, blur, sensor noise
     image *= rng.uniform(0.82, 1.15) * rng.uniform(0.93, 1.07, 3).astype(np.float32)
-    image *= 1 + 0.08 * _smooth_field(rng, size, 2)[..., None]
+    image *= (
+        1 + 0.08 * _smooth_field(rng, (height, width), tuple(max(1, c // 3) for c in smooth_cells))[..., None]
+    )
     image += rng.uniform(0, 14)  # haze
     image = gaussian_filter(image, sigma=(rng.uniform(0.35, 0.85),) * 2 + (0,))
     image += rng.standard_normal(image.shape, dtype=np.float32) * rng.uniform(1.5, 5.0)
     image_u8 = np.clip(image, 0, 255).astype(np.uint8)
 
     mask = np.where(sidewalk, SIDEWALK, BACKGROUND).astype(np.uint8)
-    if rng.random() < 0.1:  # the edge of the annotated area crosses this chip
+    if partial_annotation and rng.random() < 0.1:  # the edge of the annotated area crosses this chip
         direction = rng.uniform(0, 2 * np.pi)
-        reach = coords[None, :] * math.cos(direction) + coords[:, None] * math.sin(direction)
+        reach = cols[None, :] * math.cos(direction) + rows[:, None] * math.sin(direction)
         mask[reach > np.quantile(reach, 1 - rng.uniform(0.05, 0.25))] = IGNORE
     return Chip(
         image=image_u8,
@@ -505,6 +552,7 @@ def render_chip(rng: np.random.Generator, chip_size_px: int, occluded_sidewalk_f
         centerlines=_centerlines(grid),
         sidewalk_px=sidewalk_px,
         hidden_sidewalk_px=hidden_px,
+        sidewalk_width_px=float(walk),
     )
 
 
