@@ -1,0 +1,1 @@
+"""Geodata: reading rasters as the model sees them, units and coordinate frames."""
