@@ -1,0 +1,234 @@
+"""The demo Space as people use it: the app launched on localhost, driven by gradio_client and by a real
+headless Chromium (Playwright), with a tiny model; its masks are the library's own prediction."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the demo Space needs gradio: pip install -e '.[space]'")
+gradio_client = pytest.importorskip("gradio_client", reason="needs gradio_client: pip install -e '.[space]'")
+
+from sidewalk_hf import (
+    SidewalkDeepLabConfig,
+    SidewalkDeepLabForSemanticSegmentation,
+    SidewalkImageProcessor,
+    save_pretrained_with_processor,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "space" / "app.py"
+EXAMPLE_CHIP = REPO / "space" / "examples" / "chip_0.png"
+CHROMIUM = Path("/usr/lib/chromium/chromium-headless-shell")
+CHROMIUM_FLAGS = [
+    "--no-sandbox",  # tests run as root
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TINY = {"backbone": "test_resnet", "res5_multi_grid": [1], "aspp_channels": 16, "decoder_channels": 16,
+        "project_channels": 8}  # fmt: skip
+SERVER_START_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = SidewalkDeepLabForSemanticSegmentation(SidewalkDeepLabConfig(**TINY)).eval()
+    with torch.no_grad():  # logits large enough for both classes, small enough for probabilities in between
+        model.decode_head.classifier.weight.mul_(300.0)
+    directory = tmp_path_factory.mktemp("tiny_space_model")
+    save_pretrained_with_processor(model, SidewalkImageProcessor.from_model_config(model.config), directory)
+    return directory
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model_dir, tmp_path_factory):
+    """`python space/app.py` on a free localhost port, ready once its API answers."""
+    work = tmp_path_factory.mktemp("space_app")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SIDEWALK_MODEL": str(tiny_model_dir),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(work / "gradio"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    log_path = work / "app.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(APP)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the app exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url + "gradio_api/info", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"the app did not answer within {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()}"
+                )
+            time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return gradio_client.Client(app_url, verbose=False)
+
+
+def _library_sidewalk_probability(model_dir: Path, image: Image.Image) -> np.ndarray:
+    model = SidewalkDeepLabForSemanticSegmentation.from_pretrained(model_dir).eval()
+    processor = SidewalkImageProcessor.from_pretrained(model_dir)
+    with torch.inference_mode():
+        logits = model(**processor(images=image, return_tensors="pt")).logits
+    return logits.softmax(1)[0, 1].numpy()
+
+
+def _returned_mask(result) -> np.ndarray:
+    (mask_path,) = result[3]
+    return np.asarray(Image.open(mask_path))
+
+
+def test_the_returned_mask_is_the_library_pipelines_prediction(client, tiny_model_dir):
+    from transformers import pipeline
+
+    result = client.predict(gradio_client.handle_file(str(EXAMPLE_CHIP)), 0.5, 0.25, api_name="/segment")
+    overlay, probability_picture, centerlines, _, status = result
+    mask = _returned_mask(result)
+
+    segments = pipeline("image-segmentation", model=str(tiny_model_dir))(Image.open(EXAMPLE_CHIP))
+    expected = next(s["mask"] for s in segments if s["label"] == "sidewalk")
+    np.testing.assert_array_equal(mask, (np.asarray(expected) == 255).astype(np.uint8))
+    assert 0 < mask.mean() < 1  # both classes present: the comparison means something
+
+    # The overlay is the chip with one "sidewalk" annotation covering exactly the mask.
+    assert np.array_equal(
+        np.asarray(Image.open(overlay["image"]).convert("RGB")), np.asarray(Image.open(EXAMPLE_CHIP))
+    )
+    (annotation,) = overlay["annotations"]
+    assert annotation["label"] == "sidewalk"
+    np.testing.assert_array_equal(np.asarray(Image.open(annotation["image"]))[..., 3] > 0, mask == 1)
+    assert Image.open(probability_picture).size == Image.open(EXAMPLE_CHIP).size
+    assert centerlines is None  # centerlines are for GeoTIFFs
+    assert f"sidewalk on {mask.mean():.1%} of the pixels" in status
+
+
+def test_the_threshold_slider_sets_the_probability_cut(client, tiny_model_dir):
+    probability = _library_sidewalk_probability(tiny_model_dir, Image.open(EXAMPLE_CHIP).convert("RGB"))
+    strict = _returned_mask(
+        client.predict(gradio_client.handle_file(str(EXAMPLE_CHIP)), 0.8, 0.25, api_name="/segment")
+    )
+    loose = _returned_mask(
+        client.predict(gradio_client.handle_file(str(EXAMPLE_CHIP)), 0.2, 0.25, api_name="/segment")
+    )
+    away_from_cut = np.abs(probability - 0.8) > 1e-5  # float rounding may flip pixels on the cut itself
+    np.testing.assert_array_equal(strict[away_from_cut], (probability > 0.8)[away_from_cut])
+    assert strict.sum() < loose.sum() and np.all(loose >= strict)
+
+
+def test_a_file_that_is_no_image_gets_a_message_not_a_stack_trace(client, tmp_path):
+    fake = tmp_path / "chip.png"
+    fake.write_text("this is not a PNG")
+    with pytest.raises(gradio_client.exceptions.AppError) as raised:
+        client.predict(gradio_client.handle_file(str(fake)), 0.5, 0.25, api_name="/segment")
+    message = str(raised.value)
+    assert "`chip.png` is not a readable PNG or JPEG image." in message
+    assert "Traceback" not in message
+
+
+# ---- a real browser --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="needs playwright: pip install -e '.[space]'"
+    )
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no headless Chromium at {CHROMIUM}: apt-get install -y chromium-headless-shell")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(app_url)
+    page.wait_for_selector("#run", timeout=60_000)
+    yield page
+    page.close()
+
+
+def _upload_and_run(page, path: Path) -> None:
+    page.set_input_files("#upload input[type=file]", str(path))
+    page.wait_for_selector(f"#upload :text('{path.name}')", timeout=30_000)
+    page.click("#run")
+
+
+def test_in_a_browser_an_uploaded_example_shows_its_sidewalk_overlay(page, tmp_path):
+    _upload_and_run(page, EXAMPLE_CHIP)
+    page.wait_for_selector("#overlay img.mask", state="visible", timeout=60_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#overlay img')].every(img => img.complete && img.naturalWidth > 0)",
+        timeout=30_000,
+    )
+    page.wait_for_selector("#status :text('sidewalk on')", timeout=30_000)
+    page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
+
+    shown = Image.open(io.BytesIO(page.locator("#overlay img.base-image").screenshot())).convert("RGB")
+    pixels = np.asarray(shown, dtype=np.float32)
+    assert pixels.std() > 10, "the overlay image is blank"
+    assert page.locator('[data-testid="toast-body"].error').count() == 0
+    assert "Error" not in page.inner_text("#status")
+    assert (tmp_path / "space.png").stat().st_size > 10_000
+
+
+def test_in_a_browser_a_bad_upload_shows_a_message(page, tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("not an image")
+    _upload_and_run(page, fake)
+    toast = page.wait_for_selector('[data-testid="toast-body"].error', timeout=30_000)
+    text = toast.inner_text()
+    assert "`notes.png` is not a readable PNG or JPEG image." in text
+    assert "Traceback" not in text
+    page.screenshot(path=str(tmp_path / "error.png"))
