@@ -151,6 +151,7 @@ def write_model_card(
     iteration: int | None = None,
     license: str = "apache-2.0",
     template_path: str | Path | None = None,
+    space_id: str | None = None,
 ) -> Path:
     """Write `eval_results.json`, `README.md` and the card's pictures into a `save_pretrained` folder.
 
@@ -168,6 +169,7 @@ def write_model_card(
             `eval_results.json` (if any) is kept.
         license: license identifier for the card metadata.
         template_path: Jinja template; defaults to the project's `model_card.md`.
+        space_id: the demo Space (org/name) published beside the model; the card links it.
 
     Returns the path of the written `README.md`. The card is checked before it is written: it must load back
     with `ModelCard` and its `model-index` must convert to the same `EvalResult`s.
@@ -230,6 +232,7 @@ def write_model_card(
         recipe_table=_markdown_table(["", ""], _recipe_rows(run_config)),
         provenance="\n".join(f"- **{name}:** {value}" for name, value in _provenance_rows(run_dir)),
         config_yaml=config_path.read_text().strip() if config_path.is_file() else "",
+        space_id=space_id,
     )
     _check_card(card, card_eval_results)
     readme = model_dir / "README.md"
@@ -245,6 +248,7 @@ def publish_run(
     revision: str | None = None,
     token: str | None = None,
     commit_message: str | None = None,
+    space_id: str | None = None,
 ) -> str:
     """Push `run_dir/<which>/` (weights, config, image processor, remote code, card, eval results, pictures)
     to the model repository `repo_id`, creating it if needed; returns the repository's URL.
@@ -252,7 +256,8 @@ def publish_run(
     The card is rendered again for `repo_id` (so its usage snippets name the repository) when the folder has
     `eval_results.json`. The upload is one `create_commit` with exactly the folder's files: huggingface_hub's
     `upload_folder` would also send the card to the Hub's YAML validator first and, with `hf_xet` installed,
-    split large uploads over several commits. `token=None` uses the saved login or `HF_TOKEN`.
+    split large uploads over several commits. `token=None` uses the saved login or `HF_TOKEN`. `space_id`
+    (the demo Space beside the model, see `sidewalk_hf.space.publish_space`) is linked from the card.
     """
     run_dir = Path(run_dir)
     if which not in ("final", "best"):
@@ -272,6 +277,7 @@ def publish_run(
             eval_results={split: m for split, m in recorded.items() if isinstance(m, dict)},
             repo_id=repo_id,
             iteration=recorded.get("iteration"),
+            space_id=space_id,
         )
     elif not (model_dir / "README.md").is_file():
         raise FileNotFoundError(

@@ -150,7 +150,7 @@ def read_chip(path: Path, num_channels: int) -> np.ndarray:
                     f"`{path.name}` has {len(image.getbands())} band(s) ({image.mode}); the model takes "
                     "3-band RGB chips."
                 )
-            return np.asarray(image.convert("RGB"))  # an alpha band is dropped
+            return np.array(image.convert("RGB"))  # an alpha band is dropped
     except UnidentifiedImageError:
         raise InputError(f"`{path.name}` is not a readable PNG or JPEG image.") from None
     except (OSError, Image.DecompressionBombError) as error:  # truncated, corrupt or huge image data

@@ -43,6 +43,7 @@ CHROMIUM_FLAGS = [
 TINY = {"backbone": "test_resnet", "res5_multi_grid": [1], "aspp_channels": 16, "decoder_channels": 16,
         "project_channels": 8}  # fmt: skip
 SERVER_START_TIMEOUT_S = 120
+pytestmark = pytest.mark.slow  # each module launches the app (and a browser) once
 
 
 @pytest.fixture(scope="module")
