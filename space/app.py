@@ -38,6 +38,8 @@ MAX_CHIP_SIDE_PX = 2048  # a chip is predicted in one forward pass; larger image
 CHIP_SUFFIXES = (".png", ".jpg", ".jpeg")
 OVERLAY_COLOUR = "#ff2828"
 OVERLAY_OPACITY = 0.55
+# Small chips and maps fill their panels, drawn pixel by pixel rather than blurred.
+CSS = "#probability img, #centerlines img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
 NO_MODEL_MESSAGE = (
     "**No model is loaded.** Start the app with `SIDEWALK_MODEL` set to a model: a `save_pretrained` folder "
     "(`SIDEWALK_MODEL=runs/<run>/best python space/app.py`) or a Hub model id. `make demo` trains one on "
@@ -232,11 +234,19 @@ def build_demo() -> gr.Blocks:
                     gr.Examples(examples=[[path] for path in examples], inputs=[upload], label="Examples")
             with gr.Column(scale=2):
                 overlay = gr.AnnotatedImage(
-                    label="Sidewalks", color_map={"sidewalk": OVERLAY_COLOUR}, format="png", elem_id="overlay"
+                    label="Sidewalks",
+                    color_map={"sidewalk": OVERLAY_COLOUR},
+                    format="png",
+                    height=480,
+                    elem_id="overlay",
                 )
                 with gr.Row():
-                    probability = gr.Image(label="Sidewalk probability", format="png", elem_id="probability")
-                    centerlines = gr.Image(label="Centerlines (GeoTIFF)", format="png", elem_id="centerlines")
+                    probability = gr.Image(
+                        label="Sidewalk probability", format="png", height=300, elem_id="probability"
+                    )
+                    centerlines = gr.Image(
+                        label="Centerlines (GeoTIFF)", format="png", height=300, elem_id="centerlines"
+                    )
                 downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
                 status = gr.Markdown(elem_id="status")
         run.click(
@@ -252,4 +262,4 @@ demo = build_demo()
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    demo.queue(default_concurrency_limit=1).launch(show_error=False)
+    demo.queue(default_concurrency_limit=1).launch(show_error=False, css=CSS)
