@@ -141,6 +141,35 @@ class HubConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """``scripts/predict.py``: sliding-window prediction of rasters (flags of the same name override these)."""
+
+    # 0: the model's training chip size (the ASPP's image pooling makes predictions depend on it).
+    WINDOW_PX: int = 0
+    STRIDE_FRACTION: float = 0.75
+    # Weight of a window's logits across it: "cosine" (raised cosine), "gaussian", or "none" (flat).
+    BLEND: str = "cosine"
+    BATCH_SIZE: int = 8
+    NUM_WORKERS: int = 2
+    # "fp32" or "bf16" (autocast; CPUs with native bfloat16 and GPUs).
+    DTYPE: str = "fp32"
+    # Fold batch norms into convolutions before running (same class maps, less work).
+    OPTIMIZE: bool = True
+    # 1-based bands, e.g. "4,2,3"; "" = every non-alpha band (or the rule the model was trained with).
+    BANDS: str = ""
+    # "" = the model's rule, else none (uint8); "fixed:LO,HI[;LO,HI...]" or "percentiles:P,Q".
+    SCALE: str = ""
+    WRITE_PROBS: bool = False
+    # Run the sidewalk-network stage on every mask at the end.
+    VECTORS: bool = True
+    # "local" (this process, or each process of `accelerate launch`) or "ray".
+    ENGINE: str = "local"
+    RAY_ADDRESS: str = ""
+    # 0: one actor per GPU, else one per two CPUs.
+    RAY_NUM_ACTORS: int = 0
+
+
+@dataclass
 class TrainingConfig:
     MODEL: ModelConfig = field(default_factory=ModelConfig)
     INPUT: InputConfig = field(default_factory=InputConfig)
@@ -151,6 +180,7 @@ class TrainingConfig:
     CHECKPOINT: CheckpointConfig = field(default_factory=CheckpointConfig)
     OUTPUT: OutputConfig = field(default_factory=OutputConfig)
     HUB: HubConfig = field(default_factory=HubConfig)
+    INFERENCE: InferenceConfig = field(default_factory=InferenceConfig)
     SEED: int = 0
 
 
@@ -158,6 +188,9 @@ CHOICES = {
     "DATASET.ON_BAD_SAMPLE": ("skip", "error"),
     "SOLVER.MIXED_PRECISION": ("no", "bf16", "fp16"),
     "SOLVER.ON_NONFINITE_LOSS": ("stop", "skip"),
+    "INFERENCE.BLEND": ("cosine", "gaussian", "none"),
+    "INFERENCE.DTYPE": ("fp32", "bf16"),
+    "INFERENCE.ENGINE": ("local", "ray"),
 }
 
 
