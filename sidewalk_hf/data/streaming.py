@@ -1,29 +1,44 @@
-"""Streaming a segmentation split into ready batches, identically on every process and DataLoader worker.
+"""Streaming a segmentation split into ready batches: each record read once per pass across the whole job.
 
-``SegmentationStream`` is a torch ``IterableDataset`` that yields whole batches. Every process, and every
-DataLoader worker of every process, reads the same stream of *undecoded* records: the split opened with
-``datasets.load_dataset(..., streaming=True)`` and, in training, buffer-shuffled by ``datasets`` itself
-with the same seed and epoch everywhere. The stream is cut into global steps of ``W * B`` records (``W``
-processes, ``B`` records per process): step ``s`` is records ``[s * W * B, (s + 1) * W * B)``, process
-``r`` takes ``[r * B, (r + 1) * B)`` of it, and DataLoader worker ``k`` of ``n`` decodes only the steps
-with ``(s - start_step) % n == k``, passing over the others without decoding them. So, with no
-communication between processes:
+``SegmentationStream`` is a torch ``IterableDataset`` that yields whole batches. A job has ``W`` processes,
+each with ``R = readers_per_process`` *readers*; reader ``j`` of process ``r`` reads only its own rows of
+the split, as ``parquet_plan.plan_pass`` assigns them from the parquet footers and ``(seed, epoch, W, R,
+B)`` (``B`` records per batch on a process): in training the row groups are shuffled per epoch and given
+to the readers, each reader buffer-shuffles its own records (``buffer_batches * B`` of them at a time),
+and batch ``t`` of a process is the next ``B`` records of its reader ``t % R``. DataLoader worker ``k`` of
+``n`` builds the batches ``t`` with ``(t - start_step) % n == k``, so it reads the readers ``j`` with
+``j % gcd(n, R) == (start_step + k) % gcd(n, R)``. Hence, with no communication between processes:
 
-- every record is used once per pass across all processes;
-- every process runs the same number of training steps (the last incomplete global step of a training
-  pass is dropped, and counted: an uneven last batch would hang DDP);
-- the DataLoader's in-order round robin over workers yields steps ``start_step, start_step + 1, ...``
-  whatever ``num_workers`` is, so batches do not depend on the number of workers;
-- resuming is exact: ``set_start_step(n)`` passes over ``n`` steps of undecoded records.
+- every record is used once per pass across all processes, and fetched once: no row group is read by
+  two readers, except where the plan cuts one between readers (few or large row groups; logged with
+  the read it costs) and when ``n`` does not divide ``R`` (each reader is then read by ``n / gcd(n, R)``
+  workers; logged);
+- every process runs the same number of training steps: the plan gives each reader a whole number of
+  batches; the records that do not fit (part of a row group per reader, or less than one global step)
+  are dropped, and counted (``dropped_remainder_records``);
+- batches do not depend on ``num_workers``: the DataLoader's in-order round robin over workers yields
+  steps ``start_step, start_step + 1, ...`` whatever ``n`` is, and a batch's contents depend only on the
+  plan and the reader's shuffle (the read cost does depend on ``n``: see above);
+- resuming is exact: ``set_start_step(s)`` replays the readers' shuffles on record positions, without
+  data, and re-reads only the row groups that still hold records to come;
+- a parquet file that cannot be read (a truncated copy, a corrupt row group) raises ``ShardReadError``
+  naming it, in the main process and in DataLoader workers alike, or with ``on_bad_sample="skip"`` is
+  skipped: an unreadable footer leaves the file out of the plan, reported once per pass as a
+  ``BadSample("unreadable_file", -1, file)`` with the first batch of process 0; an unreadable row group
+  turns its records into fillers reported as ``BadSample("unreadable_file", record_index, file)``.
 
-Each process reads the whole stream, and so does each of its workers; only decoding and augmentation are
-divided. That trades read bandwidth for exactness, since undecoded records are cheap next to decoding.
-This is also why the stream must not go through ``accelerator.prepare`` (which would shard it again) and
-why ``datasets.distributed.split_dataset_by_node`` is not used: its per-node example counts differ when
-shards differ in size.
+In evaluation nothing is shuffled or dropped: readers hold whole row groups in file order (or nearly equal
+shares of the split when there are fewer row groups than readers), each reader's last batch may be short,
+processes may yield different numbers of batches (evaluation has no per-step collective), and the order of
+a process's batches, not their contents, may depend on ``num_workers``.
 
-In evaluation nothing is shuffled or dropped: the last batch may be short, and a process with no record in
-the last step yields one batch fewer; evaluation has no per-step collective.
+A split that is not stored as parquet (or ``read_plan="whole_stream"``) is read the older way, with a
+warning that the read is amplified: every process and every worker reads the same seeded, buffer-shuffled
+stream of undecoded records from ``datasets.load_dataset(..., streaming=True)``, cut into global steps of
+``W * B`` records, and decodes only its own. Exact too, at ``W * n`` times the read. Neither way goes
+through ``accelerator.prepare`` (which would shard the stream again) or
+``datasets.distributed.split_dataset_by_node`` (its per-node example counts differ when shards differ in
+size).
 
 Batches are compact: uint8 images (augmented, not normalised) and uint8 labels, with each sample's colour
 jitter and normalisation as three float32 coefficients per band. The consumer calls
@@ -34,7 +49,9 @@ them to a GPU moves four (images) and eight (labels) times the bytes of uint8.
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import logging
 import math
 import os
@@ -49,6 +66,16 @@ import torch
 import torch.utils.data
 from PIL import Image
 
+from .parquet_plan import (
+    PassPlan,
+    ReaderOrder,
+    ShardReadError,
+    SplitLayout,
+    describe,
+    plan_pass,
+    read_layout,
+    split_parquet_files,
+)
 from .transforms import (
     ColorJitter,
     Normalizer,
@@ -70,19 +97,38 @@ BAD_SAMPLE_REASONS = (
     "mask_not_single_channel",
     "mask_size_mismatch",
     "mask_values",
+    "unreadable_file",
 )
 LABEL_VALUES = (0, 1, 255)  # background, sidewalk, ignore
 FALLBACK_FILLER_SIZE_PX = 32  # side of the fillers of a batch in which no record's size could be read
+DEFAULT_READERS_PER_PROCESS = 4  # 0, 1, 2 or 4 DataLoader workers read each record once
+READ_PLANS = ("auto", "parquet", "whole_stream")
 _IS_LABEL_VALUE = np.isin(np.arange(256), LABEL_VALUES)
 
 
 class BadSample(NamedTuple):
     """A record replaced by an all-ignore filler: ``reason`` is one of ``BAD_SAMPLE_REASONS``,
-    ``record_index`` the record's position in the pass, ``key`` its image path when the dataset has one."""
+    ``record_index`` the record's position in the pass, ``key`` its image path when the dataset has one
+    (for ``"unreadable_file"`` the file; ``record_index`` -1 for a whole file left out of the pass)."""
 
     reason: str
     record_index: int
     key: str | None
+
+
+class _Record(NamedTuple):
+    """An undecoded record (two ``datasets.Image`` cells) and where it was read (a file and row group)."""
+
+    image: dict | None
+    mask: dict | None
+    origin: str | None
+
+
+class _UnreadableRecord(NamedTuple):
+    """A record of a row group that could not be read (``on_bad_sample="skip"``)."""
+
+    file: str
+    detail: str
 
 
 class _Sample(NamedTuple):
@@ -114,10 +160,7 @@ def open_split(
     try:
         dataset = datasets.load_dataset(source, split=split, streaming=streaming, **load_dataset_kwargs)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise FileNotFoundError(
-            f"cannot open dataset {source!r}: it is neither a local dataset folder nor a Hub dataset id "
-            f"that can be reached ({error})"
-        ) from error
+        raise _dataset_not_found(source, error) from error
     columns = dataset.column_names
     if columns is None:  # a stream whose features are only known once read
         first = next(iter(dataset.take(1)), {})
@@ -209,10 +252,13 @@ class SegmentationStream(torch.utils.data.IterableDataset):
       grey * grey_scale + offset``, ``grey`` the mean of the bands at each pixel (see
       ``transforms.apply_normalization``). One tensor rather than three: each tensor of a batch is a
       shared-memory segment to hand over from a worker, and a copy to the device;
-    - ``record_index``: int64 [B], each record's position in the pass (the shuffled order in training);
+    - ``record_index``: int64 [B], each record's position in the pass (training: ``t * W * B + r * B +
+      slot`` for batch ``t`` of process ``r``; evaluation: the record's position in the split's files);
     - ``bad_samples``: list of ``BadSample`` met while building this batch; each was replaced by an
       all-ignore filler (``labels`` 255, ``pixel_values`` 0 and coefficients 0, so normalised to exactly
-      0) so that batch shapes and step counts stay the same on every process.
+      0) so that batch shapes and step counts stay the same on every process;
+    - ``records_read``: int, records the process (or worker) that built this batch fetched from storage
+      since its previous batch: the read cost, summed over a pass.
 
     ``batch_to_model_inputs`` turns a batch into the model's inputs on a device: float32 normalised
     ``pixel_values`` and int64 ``labels`` (the module docstring says why batches are uint8 until then).
@@ -221,15 +267,16 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         source: local folder in the Hub layout, or Hub dataset id.
         split: split name (``"train"``, ``"validation"``...).
         per_process_batch_size: records per batch on this process (``B``).
-        training: shuffle, augment and drop the incomplete last global step; otherwise none of these.
+        training: shuffle, augment and drop what does not fill a step on every process; otherwise none
+            of these.
         image_mean, image_std, rescale_factor: normalisation ``(x * rescale_factor - mean) / std`` per
             band, from the model's image processor; the number of bands is ``len(image_mean)``.
         process_index, num_processes: this process's rank and the number of processes (``W``).
         seed: seeds the shuffle (with the epoch) and the augmentation (with epoch and record index).
-        buffer_batches: shuffle buffer size in batches: ``buffer_batches * B`` records.
-        max_buffer_input_shards: shards feeding the shuffle buffer at a time. Above 1, datasets 5.2
-            interleaves shards in threads and, for parquet, sleeps 5 s when each pass ends (a guard
-            against apache/arrow#45214), so 1 is the default; raise it for data sorted by shard.
+        buffer_batches: shuffle buffer size in batches: ``buffer_batches * B`` records per reader.
+        max_buffer_input_shards: whole-stream reading only: shards feeding the shuffle buffer at a time.
+            Above 1, datasets 5.2 interleaves shards in threads and, for parquet, sleeps 5 s when each
+            pass ends (a guard against apache/arrow#45214), so 1 is the default.
         crop_size_px: side of the square training crop; None keeps each chip's own size.
         scale_range: random scale factors for training, drawn uniformly.
         flips: random horizontal and vertical flips in training.
@@ -237,7 +284,13 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         resize_to_px: evaluation only: resize chips to this side (or (height, width)) first.
         num_channels: expected number of image bands; a check against ``len(image_mean)``.
         on_bad_sample: ``"skip"`` (replace, count, log a warning) or ``"error"`` (raise ``BadSampleError``,
-            a ``ValueError``, naming the record).
+            a ``ValueError``, naming the record, or ``ShardReadError``, an ``OSError``, naming the file).
+        readers_per_process: readers per process (``R``): the batches depend on it, not on the number
+            of DataLoader workers; a number of workers that divides it reads each record once.
+        read_plan: ``"auto"`` (planned from parquet metadata when the split is parquet, else the whole
+            stream with a warning), ``"parquet"`` (planned, or an error), ``"whole_stream"`` (every
+            process and worker reads the whole stream: the older mechanism, kept for other formats and
+            for comparison).
 
     Position: ``set_epoch`` picks the pass (it reseeds the shuffle), ``set_start_step`` skips steps of a
     pass; ``state_dict``/``load_state_dict`` save and restore both. The training loop counts the batches
@@ -266,6 +319,8 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         resize_to_px: int | tuple[int, int] | None = None,
         num_channels: int | None = None,
         on_bad_sample: str = "skip",
+        readers_per_process: int = DEFAULT_READERS_PER_PROCESS,
+        read_plan: str = "auto",
     ):
         super().__init__()
         if per_process_batch_size < 1:
@@ -290,6 +345,10 @@ class SegmentationStream(torch.utils.data.IterableDataset):
             raise ValueError(
                 f"num_channels={num_channels} but image_mean has {len(image_mean)} values (one per band)"
             )
+        if readers_per_process < 1:
+            raise ValueError(f"readers_per_process must be >= 1, got {readers_per_process}")
+        if read_plan not in READ_PLANS:
+            raise ValueError(f"read_plan must be one of {READ_PLANS}, got {read_plan!r}")
         self.source = os.fspath(source)
         self.split = split
         self.per_process_batch_size = per_process_batch_size
@@ -305,15 +364,55 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         self.color_jitter = color_jitter
         self.resize_to_hw = (resize_to_px, resize_to_px) if isinstance(resize_to_px, int) else resize_to_px
         self.on_bad_sample = on_bad_sample
+        self.readers_per_process = readers_per_process
         self.normalizer = Normalizer(image_mean, image_std, rescale_factor)
         self._epoch = 0
         self._start_step = 0
         self._num_records: int | None = None
+        self._layout: SplitLayout | None = None
+        self._plans: dict[int, PassPlan] = {}
+        self._records = None
+        files = None if read_plan == "whole_stream" else self._parquet_files()
+        if files is not None:
+            self._layout = read_layout(files, REQUIRED_COLUMNS, skip_unreadable=on_bad_sample == "skip")
+            self._check_columns(self._layout.columns)
+            self._log_plan()
+            return
+        if read_plan == "parquet":
+            raise ValueError(f"{self.source} split {split!r} is not stored as parquet: it cannot be planned")
+        if read_plan == "auto":
+            logger.warning(
+                "%s split %r is not stored as parquet: every process and DataLoader worker reads the whole "
+                "stream (the read is amplified %d x the number of workers)",
+                self.source, split, num_processes,
+            )  # fmt: skip
         records = open_split(self.source, split, streaming=True).select_columns(list(REQUIRED_COLUMNS))
         # Records stay undecoded until a worker has chosen them: skipping a record costs no decoding.
         self._records = records.cast_column("image", datasets.Image(decode=False)).cast_column(
             "mask", datasets.Image(decode=False)
         )
+
+    def _parquet_files(self) -> list[str] | None:
+        try:
+            return split_parquet_files(self.source, self.split)
+        except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+            raise _dataset_not_found(self.source, error) from error
+
+    def _check_columns(self, columns: Sequence[str]) -> None:
+        missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+        if missing:
+            raise ValueError(
+                f"dataset {self.source!r} split {self.split!r} has no {' or '.join(repr(m) for m in missing)} "
+                f"column: its columns are {list(columns)}; a segmentation dataset needs an 'image' and a "
+                "'mask' column, both datasets.Image() features"
+            )
+
+    def _log_plan(self) -> None:
+        plan = self._plan()
+        num_readers = self.num_processes * self.readers_per_process
+        text = describe(plan, self._layout, num_readers)
+        shared = plan.fetched_records > self._layout.num_records - plan.dropped_records
+        (logger.warning if shared else logger.info)("%s split %r: %s", self.source, self.split, text)
 
     # ---- position -----------------------------------------------------------------------------------
 
@@ -355,8 +454,26 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         return self.num_processes * self.per_process_batch_size
 
     @property
+    def planned(self) -> bool:
+        """Whether the split is read from a plan (each record once per pass), not as a whole stream."""
+        return self._layout is not None
+
+    @property
+    def pass_plan(self) -> PassPlan | None:
+        """The plan of the current pass (None when the split is read as a whole stream)."""
+        return self._plan() if self.planned else None
+
+    @property
+    def skipped_files(self) -> list[tuple[str, str]]:
+        """Files left out of every pass because they cannot be read (``on_bad_sample="skip"``), with why."""
+        return list(self._layout.skipped_files) if self.planned else []
+
+    @property
     def num_records(self) -> int:
-        """Records in the split: from the dataset's metadata, else counted once by reading it undecoded."""
+        """Records in the split: from the parquet footers, else the dataset's metadata, else counted once
+        by reading it undecoded."""
+        if self.planned:
+            return self._layout.num_records
         if self._num_records is None:
             split_info = (self._records.info.splits or {}).get(self.split)
             if split_info is not None and split_info.num_examples:
@@ -371,25 +488,115 @@ class SegmentationStream(torch.utils.data.IterableDataset):
 
     @property
     def steps_per_pass(self) -> int:
-        """Global steps in a pass: complete ones in training, all in evaluation."""
+        """Global steps in a pass: complete ones in training, all in evaluation (the most batches any
+        process yields)."""
+        if self.planned:
+            if self.training:
+                return self._plan().steps
+            return max(len(self._evaluation_schedule(rank)) for rank in range(self.num_processes))
         if self.training:
             return self.num_records // self.records_per_step
         return math.ceil(self.num_records / self.records_per_step)
 
     @property
     def batches_per_pass(self) -> int:
-        """Batches this process yields in a full pass (fewer in evaluation for a process left without data)."""
+        """Batches this process yields in a full pass (fewer in evaluation for a process with less data)."""
         if self.training:
             return self.steps_per_pass
+        if self.planned:
+            return len(self._evaluation_schedule(self.process_index))
         mine = self.num_records - self.process_index * self.per_process_batch_size
         return max(0, math.ceil(mine / self.records_per_step))
 
     @property
     def dropped_remainder_records(self) -> int:
-        """Records of a training pass left out because they do not fill a global step (0 in evaluation)."""
-        return self.num_records % self.records_per_step if self.training else 0
+        """Records of a training pass left out so that every process runs the same whole number of steps
+        (0 in evaluation)."""
+        if not self.training:
+            return 0
+        if self.planned:
+            return self._plan().dropped_records
+        return self.num_records % self.records_per_step
 
-    # ---- iteration ----------------------------------------------------------------------------------
+    # ---- planned iteration ----------------------------------------------------------------------------
+
+    def _plan(self) -> PassPlan:
+        epoch = self._epoch if self.training else 0
+        if epoch not in self._plans:
+            self._plans = {
+                epoch: plan_pass(
+                    self._layout,
+                    num_processes=self.num_processes,
+                    readers_per_process=self.readers_per_process,
+                    batch_size=self.per_process_batch_size,
+                    training=self.training,
+                    seed=self.seed,
+                    epoch=epoch,
+                )
+            }
+        return self._plans[epoch]
+
+    def _evaluation_schedule(self, process_index: int) -> list[tuple[int, int]]:
+        """(reader, its batch) of each batch of a process in an evaluation pass: round robin over the
+        process's readers, skipping those that have run out."""
+        plan, readers = self._plan(), self.readers_per_process
+        counts = [
+            math.ceil(plan.line_records(process_index * readers + j) / self.per_process_batch_size)
+            for j in range(readers)
+        ]
+        return [(j, i) for i in range(max(counts, default=0)) for j in range(readers) if i < counts[j]]
+
+    def _planned_batches(self, worker_id: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        plan, readers_per_process = self._plan(), self.readers_per_process
+        start, batch_size = self._start_step, self.per_process_batch_size
+        fetched = [0]  # records fetched since this worker's previous batch
+        readers: dict[int, _LineReader] = {}
+
+        def reader(j: int) -> _LineReader:
+            if j not in readers:
+                readers[j] = _LineReader(self, plan, self.process_index * readers_per_process + j, fetched)
+            return readers[j]
+
+        def files_left_out(first_of_pass: bool) -> list[BadSample]:
+            if not (first_of_pass and self.process_index == 0):
+                return []
+            return [BadSample("unreadable_file", -1, path) for path, _ in self._layout.skipped_files]
+
+        if not self.training:
+            schedule = self._evaluation_schedule(self.process_index)
+            for position, (j, i) in enumerate(schedule):
+                if position < start or j % num_workers != worker_id:
+                    continue
+                line_reader = reader(j)
+                records = line_reader.batch(i)
+                yield self._build_batch(
+                    [record for _, record in records],
+                    [line_reader.split_position(p) for p, _ in records],
+                    fetched, files_left_out(position == 0),
+                )  # fmt: skip
+            return
+
+        group = math.gcd(num_workers, readers_per_process)
+        if group < num_workers and worker_id == 0:
+            logger.warning(
+                "%s split %r: %d DataLoader workers for %d readers per process: each reader is read by %d "
+                "workers (a number of workers that divides readers_per_process reads each record once)",
+                self.source, self.split, num_workers, readers_per_process, num_workers // group,
+            )  # fmt: skip
+        period = readers_per_process * num_workers // group  # steps between two of a reader's batches here
+        per_step = self.records_per_step
+        for step in range(start + worker_id, plan.steps, num_workers):
+            j = step % readers_per_process
+            records = reader(j).batch(step // readers_per_process)
+            if step + period >= plan.steps:
+                del readers[j]  # its last batch for this worker: free its buffer
+            first = step * per_step + self.process_index * batch_size
+            yield self._build_batch(
+                [record for _, record in records], list(range(first, first + len(records))),
+                fetched, files_left_out(step == 0),
+            )  # fmt: skip
+
+    # ---- whole-stream iteration (not parquet, or asked for) --------------------------------------------
 
     def _record_tables(self) -> Iterator[pa.Table]:
         """The pass as arrow tables of one global step each (the last one may be short)."""
@@ -405,14 +612,12 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         # directly would give each worker a subset of the shards.
         return records.iter(batch_size=self.records_per_step)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        if worker is not None:
-            fsspec.asyn.reset_lock()  # as datasets does in workers: a forked fsspec event loop would hang
+    def _whole_stream_batches(self, worker_id: int, num_workers: int) -> Iterator[dict[str, Any]]:
         start = self._start_step
         batch_size, per_step = self.per_process_batch_size, self.records_per_step
+        fetched = [0]
         for step, table in enumerate(self._record_tables()):
+            fetched[0] += table.num_rows
             if step < start or (step - start) % num_workers != worker_id:
                 continue
             if self.training and table.num_rows < per_step:
@@ -424,30 +629,55 @@ class SegmentationStream(torch.utils.data.IterableDataset):
             mine = table.slice(self.process_index * batch_size, batch_size)
             if mine.num_rows == 0:
                 return
-            yield self._build_batch(
-                mine, first_record_index=step * per_step + self.process_index * batch_size
-            )
+            first = step * per_step + self.process_index * batch_size
+            records = [
+                _Record(_as_cell(image), _as_cell(mask), None)
+                for image, mask in zip(mine.column("image").to_pylist(), mine.column("mask").to_pylist())
+            ]
+            yield self._build_batch(records, list(range(first, first + len(records))), fetched)
 
-    def _build_batch(self, table: pa.Table, first_record_index: int) -> dict[str, Any]:
-        """This process's batch of one global step, from its undecoded records."""
-        images, masks = table.column("image").to_pylist(), table.column("mask").to_pylist()
+    # ---- batches --------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        if worker is not None:
+            fsspec.asyn.reset_lock()  # as datasets does in workers: a forked fsspec event loop would hang
+        if self.planned:
+            return self._planned_batches(worker_id, num_workers)
+        return self._whole_stream_batches(worker_id, num_workers)
+
+    def _build_batch(
+        self,
+        records: Sequence[_Record | _UnreadableRecord],
+        record_indices: Sequence[int],
+        fetched: list[int],
+        extra_bad_samples: Sequence[BadSample] = (),
+    ) -> dict[str, Any]:
+        """This process's batch from its undecoded records; ``fetched`` holds the records read since the
+        previous batch, reset here."""
         samples: list[_Sample | None] = []
-        bad_samples: list[BadSample] = []
+        bad_samples: list[BadSample] = list(extra_bad_samples)
         sizes_hw = []  # of every record whose size could be read, bad ones included
-        for offset, (image_cell, mask_cell) in enumerate(zip(images, masks)):
-            record_index = first_record_index + offset
+        for record, record_index in zip(records, record_indices):
+            if isinstance(record, _UnreadableRecord):
+                bad_samples.append(BadSample("unreadable_file", record_index, record.file))
+                samples.append(None)
+                continue
             try:
-                samples.append(self._prepare_sample(image_cell, mask_cell, record_index))
+                samples.append(self._prepare_sample(record.image, record.mask, record_index))
                 sizes_hw.append(tuple(samples[-1].mask.shape))
             except BadSampleError as error:
-                key = (image_cell or {}).get("path")
+                key = (record.image or {}).get("path")
                 where = f"{self.source} split {self.split!r} record {record_index} (key {key!r})"
+                origin = f" in {record.origin}" if record.origin else ""
                 if self.on_bad_sample == "error":
                     raise BadSampleError(
                         error.reason,
-                        f"{where}: {error.detail} [{error.reason}]; pass on_bad_sample='skip' to skip and count bad samples",
+                        f"{where}: {error.detail} [{error.reason}]{origin}; pass on_bad_sample='skip' to skip "
+                        "and count bad samples",
                     ) from error
-                logger.warning("skipping %s: %s [%s]", where, error.detail, error.reason)
+                logger.warning("skipping %s: %s [%s]%s", where, error.detail, error.reason, origin)
                 bad_samples.append(BadSample(error.reason, record_index, key))
                 samples.append(None)
                 if error.size_hw is not None:
@@ -476,12 +706,14 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         for slot, sample in enumerate(samples):
             if sample is None:  # the filler: normalised to 0 (the mean colour), nothing to learn (all ignore)
                 normalization[slot] = 0.0
+        records_read, fetched[0] = fetched[0], 0
         return {
             "pixel_values": images,
             "labels": masks,
             "pixel_normalization": normalization,
-            "record_index": torch.arange(first_record_index, first_record_index + count, dtype=torch.int64),
+            "record_index": torch.tensor(list(record_indices), dtype=torch.int64),
             "bad_samples": bad_samples,
+            "records_read": records_read,
         }
 
     def _prepare_sample(self, image_cell: dict | None, mask_cell: dict | None, record_index: int) -> _Sample:
@@ -503,6 +735,91 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         )
         image, mask = apply_geometry(image, mask, augmentation, crop_hw)
         return _Sample(image, mask, augmentation.jitter)
+
+
+class _LineReader:
+    """One reader's line of a pass: emits its records batch by batch in the reader's order, fetching
+    each row group when the first of its records still to come is needed, once; records of batches passed
+    over are never fetched."""
+
+    def __init__(self, stream: SegmentationStream, plan: PassPlan, reader: int, fetched: list[int]):
+        self.layout = stream._layout
+        self.segments = plan.lines[reader]
+        self.starts = list(itertools.accumulate((segment.num_rows for segment in self.segments), initial=0))
+        self.order = ReaderOrder.for_reader(
+            self.starts[-1], training=stream.training, seed=stream.seed, epoch=stream.epoch, reader=reader,
+            buffer_size=stream.buffer_batches * stream.per_process_batch_size,
+        )  # fmt: skip
+        self.batch_size = stream.per_process_batch_size
+        self.on_bad_sample = stream.on_bad_sample
+        self.next_batch = 0
+        self.fetched = fetched
+        self.cache: dict[int, _Record | _UnreadableRecord] = {}
+
+    def batch(self, index: int) -> list[tuple[int, _Record | _UnreadableRecord]]:
+        """Batch ``index`` of this reader as (position in the line, record); earlier batches not yet
+        emitted are passed over without data."""
+        while self.next_batch < index:
+            for position in self._next_positions():
+                self.cache.pop(position, None)
+        positions = self._next_positions()
+        wanted = set(positions)
+        for position in positions:
+            if position not in self.cache:
+                self._fetch(position, wanted)
+        return [(position, self.cache.pop(position)) for position in positions]
+
+    def split_position(self, position: int) -> int:
+        """The record's position in the split's files."""
+        k = bisect.bisect_right(self.starts, position) - 1
+        segment = self.segments[k]
+        return segment.row_group.first_record + segment.start + position - self.starts[k]
+
+    def _next_positions(self) -> list[int]:
+        self.next_batch += 1
+        return list(itertools.islice(self.order, self.batch_size))
+
+    def _fetch(self, position: int, wanted: set[int]) -> None:
+        """Read the segment holding ``position`` and keep its records still to come."""
+        k = bisect.bisect_right(self.starts, position) - 1
+        segment, base, end = self.segments[k], self.starts[k], self.starts[k + 1]
+        keep = {p for p in self.order.buffered() if base <= p < end}
+        keep.update(range(max(base, self.order.next_input), end))
+        keep.update(p for p in wanted if base <= p < end)
+        self.fetched[0] += segment.row_group.num_rows
+        path = self.layout.files[segment.row_group.file_index]
+        try:
+            table = self.layout.read_segment(segment, REQUIRED_COLUMNS)
+        except ShardReadError as error:
+            if self.on_bad_sample == "error":
+                raise ShardReadError(
+                    f"{error}; pass on_bad_sample='skip' to skip and count its records"
+                ) from error
+            logger.warning("skipping %d records: %s", len(keep), error)
+            for p in keep:
+                self.cache[p] = _UnreadableRecord(path, str(error))
+            return
+        offsets = sorted(p - base for p in keep)
+        rows = table.take(offsets) if len(offsets) < table.num_rows else table
+        origin = f"{path} row group {segment.row_group.index}"
+        for offset, image, mask in zip(
+            offsets, rows.column("image").to_pylist(), rows.column("mask").to_pylist()
+        ):
+            self.cache[base + offset] = _Record(_as_cell(image), _as_cell(mask), origin)
+
+
+def _as_cell(value: Any) -> dict | None:
+    """A ``datasets.Image`` cell from an arrow value: the feature's struct, or bare image bytes."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(value), "path": None}
+    return value
+
+
+def _dataset_not_found(source: str, error: Exception) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"cannot open dataset {source!r}: it is neither a local dataset folder nor a Hub dataset id "
+        f"that can be reached ({error})"
+    )
 
 
 def batch_to_model_inputs(

@@ -1,0 +1,425 @@
+"""The plan of a pass over a parquet split, made from file metadata alone: which reader reads which rows.
+
+A job has ``P = W * R`` readers: ``R`` per process (``W`` processes), reader ``g = r * R + j`` being
+reader ``j`` of process ``r``. The split's files are the ones ``datasets`` resolves for it (local paths
+or ``hf://`` URLs, read through ``huggingface_hub``'s filesystem), and their footers give the rows of
+each row group, so a plan costs one footer read per file and process and no data.
+
+A training pass is planned from ``(seed, epoch, W, R, B)`` alone (``B`` records per batch), so every
+process and DataLoader worker makes the same plan with no communication:
+
+- the row groups are put in a seeded random order, new each epoch;
+- each process runs ``T`` steps; reader ``j`` of every process gets ``K + 1`` batches of ``B`` records if
+  ``j < m`` and ``K`` otherwise (``T = K * R + m``), as a *line*: a list of segments (row ranges of row
+  groups) holding exactly that many records;
+- *whole row groups*: in that order, each row group goes to the reader with the fewest records so far;
+  each line then ends where its quota ends, and the rest of the pass is dropped (counted). No row group is
+  read by two readers;
+- *cut row groups*: the row groups laid end to end, cut into the readers' quotas with
+  ``T = N // (W * B)``, the most a pass can use. A row group cut between two readers is read by both.
+  It is chosen only when whole row groups would drop more than ``max(W * B, N / 100)`` records beyond the
+  cut's drop, that is when row groups are few or large next to a reader's share (fewer row groups than
+  readers always). The plan says how many records its readers fetch (``fetched_records``), so the cost
+  is known and logged.
+
+An evaluation pass keeps the files' order and drops nothing: whole row groups to the least loaded reader
+when there are at least ``P`` of them, else the split cut into ``P`` nearly equal shares.
+
+Within a line, ``ReaderOrder`` gives the order in which a reader emits its records: a buffer shuffle
+(training) seeded by ``(seed, epoch, g)``, which does not depend on the records' contents, so a reader can
+pass over emitted records without having read them (an exact resume re-reads only row groups that still
+hold records to come).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import datasets
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+FOOTER_READ_THREADS = 16  # footers are small reads: from the Hub, latency bound
+_ROW_GROUP_ORDER_STREAM = 0x52475244  # separates the row-group shuffle's seed from the readers' seeds
+
+
+class ShardReadError(OSError):
+    """A parquet file of the split (or one of its row groups) that cannot be read: truncated, corrupt,
+    missing a column. The message names the file."""
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One row group: ``first_record`` is the position of its first row in the split (files in order)."""
+
+    file_index: int
+    index: int
+    num_rows: int
+    first_record: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``[start, stop)`` of a row group, read by one reader."""
+
+    row_group: RowGroup
+    start: int
+    stop: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class SplitLayout:
+    """A split's parquet files, their row groups, and the files left out because they cannot be read."""
+
+    files: list[str]
+    metadata: list[pq.FileMetaData | None]
+    row_groups: list[RowGroup]
+    columns: list[str]
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+
+    @property
+    def num_records(self) -> int:
+        return sum(group.num_rows for group in self.row_groups)
+
+    def read_segment(self, segment: Segment, columns: Sequence[str]) -> pa.Table:
+        """The segment's rows (``columns`` only), reading its row group once; raises ``ShardReadError``."""
+        path = self.files[segment.row_group.file_index]
+        try:
+            with _open(path) as source:
+                parquet = pq.ParquetFile(source, metadata=self.metadata[segment.row_group.file_index])
+                table = parquet.read_row_group(
+                    segment.row_group.index, columns=list(columns), use_threads=False
+                )
+        except (OSError, pa.ArrowException, ValueError) as error:
+            raise ShardReadError(
+                f"{path}: row group {segment.row_group.index} cannot be read ({error}); the file is "
+                "truncated, corrupt or was changed after the pass was planned"
+            ) from error
+        return table.slice(segment.start, segment.num_rows)
+
+
+@dataclass
+class PassPlan:
+    """One pass: ``lines[g]`` is reader ``g``'s segments in reading order.
+
+    ``steps`` is the number of batches of every process in training (0 in evaluation, where readers hold
+    what they hold); ``dropped_records`` the records of the split a training pass leaves out;
+    ``fetched_records`` the rows the readers fetch, all together (the split's records when no row group is
+    cut between readers, bad files aside); ``mode`` is ``"whole row groups"`` or ``"cut row groups"``.
+    """
+
+    lines: list[list[Segment]]
+    steps: int
+    dropped_records: int
+    fetched_records: int
+    mode: str
+
+    def line_records(self, reader: int) -> int:
+        return sum(segment.num_rows for segment in self.lines[reader])
+
+
+def split_parquet_files(source: str | os.PathLike, split: str) -> list[str] | None:
+    """The split's parquet files as ``datasets`` resolves them (the dataset card's ``configs`` included),
+    or None when the dataset is not stored as parquet. Raises what ``datasets.load_dataset_builder`` raises
+    for a source that does not exist, and ``ValueError`` for a split that does not."""
+    builder = datasets.load_dataset_builder(os.fspath(source))
+    if builder.name != "parquet":
+        return None
+    data_files = builder.config.data_files or {}
+    if split not in data_files:
+        raise ValueError(
+            f"dataset {os.fspath(source)!r} has no split {split!r}: its splits are {list(data_files)}"
+        )
+    return [str(path) for path in data_files[split]]
+
+
+def read_layout(
+    files: Sequence[str], required_columns: Sequence[str], *, skip_unreadable: bool = False
+) -> SplitLayout:
+    """Read every file's footer (in threads). ``columns`` are the first readable file's; a file whose
+    footer cannot be read, or that lacks one of ``required_columns`` the first file has, raises
+    ``ShardReadError`` naming it, or with ``skip_unreadable`` is left out, logged and listed in
+    ``skipped_files``. (A dataset whose files all lack a column is the caller's error to word.)"""
+    files = list(files)
+    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_READ_THREADS, len(files)))) as pool:
+        results = list(pool.map(_read_footer, files))
+    readable = [result for result in results if not isinstance(result, ShardReadError)]
+    columns = readable[0].schema.to_arrow_schema().names if readable else []
+    required = [name for name in required_columns if name in columns]
+    metadata, row_groups, skipped = [], [], []
+    first_record = 0
+    for file_index, (path, result) in enumerate(zip(files, results)):
+        if not isinstance(result, ShardReadError):
+            names = result.schema.to_arrow_schema().names
+            missing = [name for name in required if name not in names]
+            if missing:
+                result = ShardReadError(
+                    f"{path}: no {' or '.join(repr(m) for m in missing)} column (its columns are {names})"
+                )
+        if isinstance(result, ShardReadError):
+            if not skip_unreadable:
+                raise result
+            logger.warning("skipping %s", result)
+            skipped.append((path, str(result)))
+            metadata.append(None)
+            continue
+        metadata.append(result)
+        for index in range(result.num_row_groups):
+            num_rows = result.row_group(index).num_rows
+            if num_rows:
+                row_groups.append(RowGroup(file_index, index, num_rows, first_record))
+                first_record += num_rows
+    return SplitLayout(files, metadata, row_groups, columns, skipped)
+
+
+def _open(path: str):
+    """A binary file object: local paths natively, URLs (``hf://`` and any fsspec protocol) through fsspec."""
+    if "://" not in path:
+        return open(path, "rb")
+    filesystem, inner_path = fsspec.core.url_to_fs(path)
+    return filesystem.open(inner_path, "rb")
+
+
+def _read_footer(path: str) -> pq.FileMetaData | ShardReadError:
+    try:
+        with _open(path) as source:
+            return pq.ParquetFile(source).metadata
+    except (OSError, pa.ArrowException, ValueError) as error:
+        return ShardReadError(
+            f"{path}: not a readable parquet file ({error}); it may be truncated (an interrupted copy) "
+            "or corrupt"
+        )
+
+
+# ---- planning ------------------------------------------------------------------------------------------------
+
+
+def plan_pass(
+    layout: SplitLayout,
+    *,
+    num_processes: int,
+    readers_per_process: int,
+    batch_size: int,
+    training: bool,
+    seed: int,
+    epoch: int,
+) -> PassPlan:
+    """The plan of one pass (see the module docstring); the same arguments give the same plan."""
+    num_readers = num_processes * readers_per_process
+    groups = layout.row_groups
+    if not training:
+        if len(groups) >= num_readers:
+            return _whole_evaluation(groups, num_readers)
+        total = layout.num_records
+        shares = [total * (g + 1) // num_readers - total * g // num_readers for g in range(num_readers)]
+        return _cut(groups, shares, steps=0, dropped=0)
+
+    rng = np.random.default_rng([_ROW_GROUP_ORDER_STREAM, _seed_word(seed), int(epoch)])
+    line = [groups[i] for i in rng.permutation(len(groups))]
+    total = layout.num_records
+    steps = total // (num_processes * batch_size)
+    cut = _cut(line, _quotas(steps, num_processes, readers_per_process, batch_size), steps,
+               dropped=total - steps * num_processes * batch_size)  # fmt: skip
+    whole = _whole_training(line, num_processes, readers_per_process, batch_size, total)
+    allowance = max(num_processes * batch_size, total // 100)
+    if whole is not None and whole.dropped_records <= cut.dropped_records + allowance:
+        return whole
+    return cut
+
+
+def _seed_word(seed: int) -> int:
+    return int(seed) % 2**63
+
+
+def _quotas(steps: int, num_processes: int, readers_per_process: int, batch_size: int) -> list[int]:
+    """Records of each reader ``g = r * R + j`` for ``steps`` batches per process: batch ``t`` of a
+    process comes from its reader ``t % R``."""
+    per_reader, extra = divmod(steps, readers_per_process)
+    return [
+        (per_reader + (j < extra)) * batch_size
+        for _ in range(num_processes)
+        for j in range(readers_per_process)
+    ]
+
+
+def _cut(line: Sequence[RowGroup], quotas: Sequence[int], steps: int, dropped: int) -> PassPlan:
+    """Lay ``line`` end to end and give each reader its next ``quotas[g]`` records."""
+    lines: list[list[Segment]] = []
+    position, offset = 0, 0  # row group of the line, row within it
+    for quota in quotas:
+        segments = []
+        while quota > 0:
+            group = line[position]
+            take = min(quota, group.num_rows - offset)
+            segments.append(Segment(group, offset, offset + take))
+            quota -= take
+            offset += take
+            if offset == group.num_rows:
+                position, offset = position + 1, 0
+        lines.append(segments)
+    fetched = sum(segment.row_group.num_rows for segments in lines for segment in segments)
+    return PassPlan(lines, steps, dropped, fetched, "cut row groups")
+
+
+def _greedy(line: Sequence[RowGroup], num_readers: int) -> list[list[RowGroup]]:
+    """Each row group in turn to the reader with the fewest records so far (the lowest index on ties)."""
+    assigned: list[list[RowGroup]] = [[] for _ in range(num_readers)]
+    heap = [(0, reader) for reader in range(num_readers)]
+    for group in line:
+        load, reader = heapq.heappop(heap)
+        assigned[reader].append(group)
+        heapq.heappush(heap, (load + group.num_rows, reader))
+    return assigned
+
+
+def _whole_training(
+    line: Sequence[RowGroup], num_processes: int, readers_per_process: int, batch_size: int, total: int
+) -> PassPlan | None:
+    num_readers = num_processes * readers_per_process
+    if len(line) < num_readers:
+        return None
+    assigned = _greedy(line, num_readers)
+    loads = [sum(group.num_rows for group in groups) for groups in assigned]
+    by_load = sorted(range(num_readers), key=lambda reader: (-loads[reader], reader))
+    per_reader = loads[by_load[-1]] // batch_size  # K: every reader holds K batches
+    richer = sum(load >= (per_reader + 1) * batch_size for load in loads)
+    extra = min(readers_per_process - 1, richer // num_processes)  # m readers per process hold K + 1
+    steps = per_reader * readers_per_process + extra
+    if steps == 0:
+        return None
+    quotas = _quotas(steps, num_processes, readers_per_process, batch_size)
+    # The W * m richest lists go to the readers j < m of each process, the others to j >= m.
+    slots = [r * readers_per_process + j for j in range(extra) for r in range(num_processes)]
+    slots += [
+        r * readers_per_process + j for j in range(extra, readers_per_process) for r in range(num_processes)
+    ]
+    lines: list[list[Segment]] = [[] for _ in range(num_readers)]
+    for slot, source in zip(slots, by_load):
+        remaining = quotas[slot]
+        for group in assigned[source]:
+            if remaining == 0:
+                break
+            take = min(remaining, group.num_rows)
+            lines[slot].append(Segment(group, 0, take))
+            remaining -= take
+    fetched = sum(segment.row_group.num_rows for segments in lines for segment in segments)
+    dropped = total - steps * num_processes * batch_size
+    return PassPlan(lines, steps, dropped, fetched, "whole row groups")
+
+
+def _whole_evaluation(groups: Sequence[RowGroup], num_readers: int) -> PassPlan:
+    lines = [
+        [Segment(group, 0, group.num_rows) for group in assigned] for assigned in _greedy(groups, num_readers)
+    ]
+    fetched = sum(group.num_rows for group in groups)
+    return PassPlan(lines, 0, 0, fetched, "whole row groups")
+
+
+# ---- order within a reader -----------------------------------------------------------------------------------
+
+
+class ReaderOrder:
+    """The order in which a reader emits the positions ``0 .. count - 1`` of its line.
+
+    In training a buffer shuffle as ``datasets`` does it (fill a buffer of ``buffer_size``, then each
+    incoming position takes the place of a random one, which is emitted; at the end the rest in random
+    order), with its own seeded generator; otherwise the identity. It never looks at the records, so
+    passing over emitted positions needs no data. ``buffered()`` and ``next_input`` tell which positions
+    are still to come: those in the buffer and those from ``next_input`` on.
+    """
+
+    _RANDOM_BATCH = 1000
+
+    def __init__(self, count: int, buffer_size: int = 0, rng: np.random.Generator | None = None):
+        self.count = count
+        self.next_input = 0
+        self.buffer_size = buffer_size if rng is not None else 0
+        self._buffer: list[int] = []
+        self._rng = rng
+        self._randoms: Iterator[int] = iter(())
+        self._flushing = False
+
+    @classmethod
+    def for_reader(
+        cls, count: int, *, training: bool, buffer_size: int, seed: int, epoch: int, reader: int
+    ) -> ReaderOrder:
+        if not training:
+            return cls(count)
+        return cls(count, buffer_size, np.random.default_rng([_seed_word(seed), int(epoch), int(reader)]))
+
+    def buffered(self) -> list[int]:
+        return self._buffer
+
+    def __iter__(self) -> ReaderOrder:
+        return self
+
+    def __next__(self) -> int:
+        if self.buffer_size == 0:
+            if self.next_input >= self.count:
+                raise StopIteration
+            self.next_input += 1
+            return self.next_input - 1
+        while not self._flushing and self.next_input < self.count:
+            incoming = self.next_input
+            self.next_input += 1
+            if len(self._buffer) < self.buffer_size:
+                self._buffer.append(incoming)
+                continue
+            slot = self._random_slot()
+            emitted, self._buffer[slot] = self._buffer[slot], incoming
+            return emitted
+        if not self._flushing:
+            self._flushing = True
+            self._rng.shuffle(self._buffer)
+            self._buffer.reverse()  # popped from the end: emitted in shuffled order
+        if not self._buffer:
+            raise StopIteration
+        return self._buffer.pop()
+
+    def _random_slot(self) -> int:
+        slot = next(self._randoms, None)
+        if slot is None:
+            self._randoms = iter(self._rng.integers(0, self.buffer_size, size=self._RANDOM_BATCH).tolist())
+            slot = next(self._randoms)
+        return slot
+
+
+def describe(plan: PassPlan, layout: SplitLayout, num_readers: int) -> str:
+    """A line for the log: how the pass reads the split."""
+    groups = len(layout.row_groups)
+    amplification = plan.fetched_records / max(1, layout.num_records - plan.dropped_records)
+    text = (
+        f"{len(layout.files)} parquet files, {groups} row groups, {layout.num_records} records for "
+        f"{num_readers} readers: {plan.mode}, {plan.dropped_records} records dropped per pass, "
+        f"{plan.fetched_records} fetched (x{amplification:.2f} the records used)"
+    )
+    if groups < num_readers:
+        text += f"; fewer row groups than readers ({groups} < {num_readers}), so row groups are shared"
+    return text
+
+
+__all__ = [
+    "PassPlan",
+    "ReaderOrder",
+    "RowGroup",
+    "Segment",
+    "ShardReadError",
+    "SplitLayout",
+    "describe",
+    "plan_pass",
+    "read_layout",
+    "split_parquet_files",
+]
