@@ -170,6 +170,27 @@ class InferenceConfig:
 
 
 @dataclass
+class VectorConfig:
+    """The sidewalk network stage (``scripts/vectorize.py``, end of ``predict.py``); lengths in metres on
+    the ground, whatever the raster's CRS unit."""
+
+    MIN_OBJECT_AREA_M2: float = 4.0
+    MIN_HOLE_AREA_M2: float = 4.0
+    SPUR_LENGTH_M: float = 3.0
+    GAP_LENGTH_M: float = 6.0
+    # A gap is joined only towards points within this angle of the end's direction.
+    JOIN_MAX_ANGLE_DEG: float = 45.0
+    SIMPLIFY_TOLERANCE_M: float = 0.25
+    # Blocks of this side (clamped to 256-4096 px) read with a halo wider than any sidewalk.
+    BLOCK_SIZE_M: float = 512.0
+    HALO_M: float = 32.0
+    # Probability rasters: sidewalk where probability >= THRESHOLD.
+    THRESHOLD: float = 0.5
+    # Processes over tiles (several inputs); 1 = this process.
+    WORKERS: int = 1
+
+
+@dataclass
 class TrainingConfig:
     MODEL: ModelConfig = field(default_factory=ModelConfig)
     INPUT: InputConfig = field(default_factory=InputConfig)
@@ -181,6 +202,7 @@ class TrainingConfig:
     OUTPUT: OutputConfig = field(default_factory=OutputConfig)
     HUB: HubConfig = field(default_factory=HubConfig)
     INFERENCE: InferenceConfig = field(default_factory=InferenceConfig)
+    VECTOR: VectorConfig = field(default_factory=VectorConfig)
     SEED: int = 0
 
 
