@@ -17,10 +17,10 @@ process and DataLoader worker makes the same plan with no communication:
   read by two readers;
 - *cut row groups*: the row groups laid end to end, cut into the readers' quotas with
   ``T = N // (W * B)``, the most a pass can use. A row group cut between two readers is read by both.
-  It is chosen only when whole row groups would drop more than ``max(W * B, N / 100)`` records beyond the
-  cut's drop, that is when row groups are few or large next to a reader's share (fewer row groups than
-  readers always). The plan says how many records its readers fetch (``fetched_records``), so the cost
-  is known and logged.
+  It is chosen only when whole row groups would drop more records beyond the cut's drop than the cut
+  reads twice, and more than ``max(W * B, N / 100)``: when row groups are few or large next to a
+  reader's share (fewer row groups than readers always). The plan says how many records its readers
+  fetch (``fetched_records``), so the cost is known and logged.
 
 An evaluation pass keeps the files' order and drops nothing: whole row groups to the least loaded reader
 when there are at least ``P`` of them, else the split cut into ``P`` nearly equal shares.
@@ -234,8 +234,10 @@ def plan_pass(
     cut = _cut(line, _quotas(steps, num_processes, readers_per_process, batch_size), steps,
                dropped=total - steps * num_processes * batch_size)  # fmt: skip
     whole = _whole_training(line, num_processes, readers_per_process, batch_size, total)
-    allowance = max(num_processes * batch_size, total // 100)
-    if whole is not None and whole.dropped_records <= cut.dropped_records + allowance:
+    # Whole row groups unless they drop more than the cut would read twice (and than a small allowance).
+    cut_extra_reads = cut.fetched_records - (total - cut.dropped_records)
+    allowance = max(num_processes * batch_size, total // 100, cut_extra_reads)
+    if whole is not None and whole.dropped_records - cut.dropped_records <= allowance:
         return whole
     return cut
 
