@@ -858,4 +858,11 @@ def make_dataloader(
         "persistent_workers": False,
     }
     options.update(dataloader_kwargs)
+    workers, readers = options["num_workers"], stream.readers_per_process
+    if stream.planned and workers > 1 and math.gcd(workers, readers) < workers:
+        logger.warning(
+            "%d DataLoader workers for %d readers per process: each reader is read by %d workers (a number of "
+            "workers that divides readers_per_process reads each record once)",
+            workers, readers, workers // math.gcd(workers, readers),
+        )  # fmt: skip
     return torch.utils.data.DataLoader(stream, **options)
