@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from affine import Affine
 
 from ..geo.raster import PixelRule, RasterInputError, open_raster, read_window
 from .outputs import classes_and_probability, open_strip_writer, publish_cog, temporary_path
@@ -261,7 +262,7 @@ def predict_part(
         "SIDEWALK_WINDOW_PX": options.window_px,
         "SIDEWALK_STRIDE": options.stride_fraction,
     }
-    band_transform = plan.profile["transform"] * plan.profile["transform"].translation(0, part.y0)
+    band_transform = plan.profile["transform"] @ Affine.translation(0, part.y0)
     writer = _Writer()
     dsts = {}
     entry = {

@@ -152,12 +152,18 @@ def predict_rasters(
 ) -> dict:
     """Predict every input raster into ``out_dir``; returns the manifest (also written as ``run.json``)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from .model_loading import load_inference_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = PartialState(cpu=device == "cpu") if engine == "local" else None
+    # A bare PartialState must be told about ACCELERATE_USE_CPU (Accelerator() reads it by itself).
+    state = (
+        PartialState(cpu=device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+        if engine == "local"
+        else None
+    )
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     started = time.time()
 
@@ -216,6 +222,9 @@ def predict_rasters(
         k: v for k, v in options.manifest().items() if k not in ("batch_size", "num_workers")
     }
     kept = _check_output_folder(out_dir, resume, overwrite, parameters) if rank == 0 else {}
+    if rank == 0:  # what a killed run left half-written: hidden temporaries and unjoined row bands
+        for stale in [*out_dir.glob(".*.tmp-*"), *out_dir.glob(".*.part*.tif")]:
+            stale.unlink(missing_ok=True)
     if world > 1:
         state.wait_for_everyone()  # the folder check happens once, before anyone writes
         if rank != 0:
