@@ -70,6 +70,8 @@ def model_config_from(cfg: DictConfig) -> SidewalkDeepLabConfig:
         top_k_percent_pixels=cfg.MODEL.LOSS.TOP_K_PERCENT_PIXELS,
         image_mean=list(cfg.INPUT.PIXEL_MEAN),
         image_std=list(cfg.INPUT.PIXEL_STD),
+        # Large-area inference runs windows of this size: the ASPP's image pooling makes predictions depend on it.
+        training_chip_size_px=cfg.INPUT.CROP_SIZE_PX,
     )
 
 
