@@ -1,0 +1,524 @@
+"""The vector stage: sidewalk masks (or probabilities) to sidewalk polygons and a centerline network.
+
+Entry points (the end of ``scripts/predict.py`` calls the first per written mask):
+
+``vectorize_raster(path, out_dir, cfg=None, threshold=None, tile_name=None) -> dict``
+    One raster: a mask GeoTIFF (1 sidewalk, 0 background, 255 nodata) when ``threshold`` is None, else a
+    probability GeoTIFF (uint8 0-254 = 0-1 with 255 nodata, or float 0-1) cut at ``threshold``. ``cfg`` is
+    the project config (its ``VECTOR`` section is used), the ``VECTOR`` section itself, or None for the
+    defaults. Writes ``<stem>.centerlines.geojson`` and ``<stem>.polygons.geojson`` in ``out_dir`` (``stem``
+    is the file name without ``.tif`` and a trailing ``.mask``/``.prob``) and returns a summary: ``tile``,
+    ``raster``, ``centerlines``, ``polygons``, ``geopackage`` (or None), ``crs``, ``pixel_size_m``,
+    ``num_edges``, ``num_joined``, ``num_components``, ``length_m``, ``num_polygons``, ``num_blocks``,
+    ``seconds``.
+
+``vectorize_run(paths, out_dir, cfg=None, threshold=None, *, crs_source=False, workers=None) -> dict``
+    Several rasters (tiles) of one run: each is vectorised as above, reading its halo from its neighbours
+    (rasters on one grid and CRS are read through a VRT mosaic), and with more than one raster the tiles'
+    networks are merged across tile borders into ``run.centerlines.geojson`` / ``run.polygons.geojson``.
+    Writes ``vectors.json`` (the summaries) and returns ``{"tiles": [...], "run": {...} or None}``.
+
+Pipeline per tile: blocks (core + halo) -> clean (areas in m2 -> px) -> skeleton -> skeleton graph ->
+clip to the core -> merge by exact coordinates -> metric frame (the CRS unit, or local UTM) -> prune spurs
+-> join gaps -> simplify -> GeoJSON in WGS84 (+ GeoPackage in the source CRS with ``crs_source``).
+Ends where a line leaves the tile (at a tile border, or within ``EDGE_MARGIN_M`` of the run's outer edge)
+are never pruned or joined from: the line continues beyond them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+
+from ..geo.units import metric_frame
+from .blocks import block_grid, clip_to_core, is_cut_point, merge_pieces
+from .cleaning import area_m2_to_px, clean_mask
+from .export import valid_geometries, write_geojson, write_geopackage
+from .graph_ops import join_gaps, prune_spurs, simplify, to_shapely
+from .line_graph import LineGraph
+from .skeleton_graph import skeleton_graph, skeleton_of
+
+EDGE_MARGIN_M = 2.5  # an end this close to the run's outer edge is where a sidewalk leaves the imagery
+BLOCK_PX_RANGE = (256, 4096)
+MASK_VALUES = (0, 1, 255)
+
+
+class VectorInputError(ValueError):
+    """A raster the vector stage cannot use; the message names the file."""
+
+
+DEFAULTS = {
+    "MIN_OBJECT_AREA_M2": 4.0,
+    "MIN_HOLE_AREA_M2": 4.0,
+    "SPUR_LENGTH_M": 3.0,
+    "GAP_LENGTH_M": 6.0,
+    "JOIN_MAX_ANGLE_DEG": 45.0,
+    "SIMPLIFY_TOLERANCE_M": 0.25,
+    "BLOCK_SIZE_M": 512.0,
+    "HALO_M": 32.0,
+    "THRESHOLD": 0.5,
+    "WORKERS": 1,
+}
+
+
+def vector_options(cfg=None) -> dict:
+    """The ``VECTOR`` options as a plain dict, from the project config, its ``VECTOR`` node, or a dict."""
+    if cfg is None:
+        return dict(DEFAULTS)
+    section = cfg.get("VECTOR", cfg) if hasattr(cfg, "get") else cfg
+    options = dict(DEFAULTS)
+    for key in DEFAULTS:
+        if key in section:
+            options[key] = section[key]
+    return options
+
+
+@dataclass(frozen=True)
+class PixelParams:
+    """The metre options of one mosaic turned into pixels at its centre."""
+
+    pixel_size_m: float
+    block_px: int
+    halo_px: int
+    min_object_px: int
+    min_hole_px: int
+
+    @classmethod
+    def of(cls, options: dict, pixel_size_m: float) -> PixelParams:
+        block_px = int(np.clip(round(options["BLOCK_SIZE_M"] / pixel_size_m), *BLOCK_PX_RANGE))
+        return cls(
+            pixel_size_m,
+            block_px,
+            math.ceil(options["HALO_M"] / pixel_size_m),
+            area_m2_to_px(options["MIN_OBJECT_AREA_M2"], pixel_size_m),
+            area_m2_to_px(options["MIN_HOLE_AREA_M2"], pixel_size_m),
+        )
+
+
+def output_stem(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    for suffix in (".tiff", ".tif", ".vrt"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    for suffix in (".mask", ".prob"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def read_sidewalk(dataset, window, threshold: float | None, name: str) -> np.ndarray:
+    """Sidewalk pixels of a window: mask value 1, or probability >= threshold (nodata never)."""
+    data = dataset.read(1, window=window)
+    if threshold is None:
+        if data.dtype.kind == "f" or data.max(initial=0) > 1:
+            bad = np.setdiff1d(np.unique(data), MASK_VALUES)
+            if bad.size:
+                raise VectorInputError(
+                    f"{name}: values {bad[:5].tolist()} in a mask raster (expected 0, 1, 255 for nodata); "
+                    "a probability raster needs --threshold"
+                )
+        return data == 1
+    if data.dtype == np.uint8:
+        return (data != 255) & (data.astype(np.float32) / 254.0 >= threshold)
+    valid = np.isfinite(data)
+    if dataset.nodata is not None:
+        valid &= data != dataset.nodata
+    return valid & (data >= threshold)
+
+
+def _polygons_in_core(clean: np.ndarray, block, origin_row: int, origin_col: int) -> list:
+    from rasterio.features import shapes
+    from rasterio.transform import Affine
+
+    r0, r1, c0, c1 = block.core
+    core = clean[r0 - origin_row : r1 - origin_row, c0 - origin_col : c1 - origin_col]
+    if not core.any():
+        return []
+    transform = Affine(1.0, 0.0, float(c0), 0.0, 1.0, float(r0))
+    data = core.astype(np.uint8)
+    return [shapely.geometry.shape(geom) for geom, _ in shapes(data, mask=core, transform=transform)]
+
+
+def _merge_polygons(pieces: list, cores: list, area: tuple[int, int, int, int]) -> np.ndarray:
+    """Union of the pieces that meet across block borders inside ``area`` (pixel corner coordinates)."""
+    if not pieces:
+        return np.array([], dtype=object)
+    geoms = np.array([g for g, _ in pieces], dtype=object)
+    bounds = shapely.bounds(geoms)
+    core = np.array([cores[i] for _, i in pieces], dtype=np.float64)  # r0, r1, c0, c1
+    r_lo, r_hi, c_lo, c_hi = area
+    touches = (
+        ((bounds[:, 0] == core[:, 2]) & (core[:, 2] > c_lo))
+        | ((bounds[:, 2] == core[:, 3]) & (core[:, 3] < c_hi))
+        | ((bounds[:, 1] == core[:, 0]) & (core[:, 0] > r_lo))
+        | ((bounds[:, 3] == core[:, 1]) & (core[:, 1] < r_hi))
+    )
+    border = np.flatnonzero(touches)
+    if border.size < 2:
+        return geoms
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    tree = shapely.STRtree(geoms[border])
+    a, b = tree.query(geoms[border], predicate="intersects")
+    n = border.size
+    _, labels = connected_components(
+        sparse.coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False
+    )
+    merged = [shapely.union_all(geoms[border[labels == k]]) for k in np.unique(labels)]
+    rest = np.setdiff1d(np.arange(len(geoms)), border)
+    out = list(geoms[rest]) + [g for m in merged for g in shapely.get_parts(m)]
+    return np.array(out, dtype=object)
+
+
+def tile_pieces(
+    mosaic_path: str, area: tuple[int, int, int, int], params: PixelParams, threshold: float | None, name: str
+) -> tuple[LineGraph, np.ndarray, int]:
+    """The merged raw skeleton graph (mosaic pixel coordinates) and the polygons (pixel corners) of one
+    tile, the ``area`` (row0, row1, col0, col1) of the mosaic, processed in blocks; and the block count."""
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(mosaic_path) as dataset:
+        shape = (dataset.height, dataset.width)
+        blocks = block_grid(*shape, params.block_px, params.halo_px, area=area)
+        pieces, polygon_pieces, cores = [], [], []
+        for index, block in enumerate(blocks):
+            r0, r1, c0, c1 = block.window
+            sidewalk = read_sidewalk(dataset, Window(c0, r0, c1 - c0, r1 - r0), threshold, name)
+            clean = clean_mask(sidewalk, params.min_object_px, params.min_hole_px, block.open_edges(shape))
+            graph = skeleton_graph(skeleton_of(clean), origin=(r0, c0))
+            pieces.append(clip_to_core(graph, block.core))
+            polygon_pieces += [(g, index) for g in _polygons_in_core(clean, block, r0, c0)]
+            cores.append(block.core)
+    return merge_pieces(pieces), _merge_polygons(polygon_pieces, cores, area), len(blocks)
+
+
+@dataclass
+class Mosaic:
+    """Rasters sharing a CRS and a pixel grid, read as one (a VRT when there are several)."""
+
+    path: str
+    crs_wkt: str
+    transform: tuple[float, ...]
+    height: int
+    width: int
+    areas: list[tuple[int, int, int, int]]  # each raster's (row0, row1, col0, col1) in the mosaic
+
+
+def _group_into_mosaics(paths: list[Path], out_dir: Path) -> list[tuple[Mosaic, list[int]]]:
+    import rasterio
+
+    from ..data.scene import write_mosaic_vrt
+
+    infos = []
+    for path in paths:
+        try:
+            with rasterio.open(path) as src:
+                if src.crs is None:
+                    raise VectorInputError(f"{path}: no CRS; the vector stage needs a georeferenced raster")
+                infos.append((path, src.crs.to_wkt(), src.transform, src.height, src.width))
+        except rasterio.errors.RasterioIOError as error:
+            raise VectorInputError(f"{path}: cannot be read as a raster ({error})") from None
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, crs_wkt, transform, _, _) in enumerate(infos):
+        a, b, c, d, e, f = tuple(transform)[:6]
+        key = (crs_wkt, a, b, d, e, round((c / a) % 1, 6), round((f / e) % 1, 6))
+        groups.setdefault(key, []).append(i)
+    mosaics = []
+    for k, members in enumerate(groups.values()):
+        if len(members) == 1:
+            path, crs_wkt, transform, height, width = infos[members[0]]
+            mosaics.append(
+                (
+                    Mosaic(str(path), crs_wkt, tuple(transform)[:6], height, width, [(0, height, 0, width)]),
+                    members,
+                )
+            )
+            continue
+        vrt = write_mosaic_vrt([infos[i][0] for i in members], out_dir / f"_mosaic_{k}.vrt")
+        with rasterio.open(vrt) as src:
+            transform, height, width = src.transform, src.height, src.width
+        areas = []
+        for i in members:
+            _, _, t, h, w = infos[i]
+            row0, col0 = round((t.f - transform.f) / transform.e), round((t.c - transform.c) / transform.a)
+            areas.append((row0, row0 + h, col0, col0 + w))
+        mosaics.append(
+            (Mosaic(str(vrt), infos[members[0]][1], tuple(transform)[:6], height, width, areas), members)
+        )
+    return mosaics
+
+
+class _Frame:
+    """Pixel coordinates of a mosaic <-> source CRS <-> metric frame <-> WGS84."""
+
+    def __init__(self, mosaic: Mosaic):
+        self.mosaic = mosaic
+        self.metric = metric_frame(mosaic.crs_wkt, mosaic.transform, mosaic.width, mosaic.height)
+
+    def pixel_to_source(self, x, y, centre: bool = True):
+        a, b, c, d, e, f = self.mosaic.transform
+        shift = 0.5 if centre else 0.0
+        return a * (x + shift) + b * (y + shift) + c, d * (x + shift) + e * (y + shift) + f
+
+    def pixel_to_metric(self, x, y, centre: bool = True):
+        return self.metric.to_metric(*self.pixel_to_source(x, y, centre))
+
+
+def _protected_ends(graph: LineGraph, mosaic: Mosaic, margin_px: float) -> np.ndarray:
+    """Pixel coordinates of the ends where a line continues: tile-border cuts and the run's outer edge."""
+    if not graph.num_edges:
+        return np.zeros((0, 2))
+    node_xy, _, _, degree = graph.nodes()
+    ends = node_xy[degree == 1]
+    x, y = ends[:, 0], ends[:, 1]
+    to_edge = np.minimum.reduce([x + 0.5, mosaic.width - 0.5 - x, y + 0.5, mosaic.height - 0.5 - y])
+    return ends[is_cut_point(ends) | (to_edge <= margin_px)]
+
+
+def finish_network(raw: LineGraph, frame: _Frame, options: dict, margin_px: float) -> LineGraph:
+    """Raw merged graph (pixels) -> metric frame -> pruned, joined, simplified."""
+    protected = _protected_ends(raw, frame.mosaic, margin_px)
+    graph = raw.map_coords(frame.pixel_to_metric)
+    if len(protected):
+        protected = np.column_stack(frame.pixel_to_metric(protected[:, 0], protected[:, 1]))
+    graph = prune_spurs(graph, options["SPUR_LENGTH_M"], protected)
+    graph = join_gaps(graph, options["GAP_LENGTH_M"], options["JOIN_MAX_ANGLE_DEG"], protected=protected)
+    return simplify(graph, options["SIMPLIFY_TOLERANCE_M"])
+
+
+def _to_wgs84(geometries: np.ndarray, frame_of: np.ndarray, frames: list[_Frame]) -> np.ndarray:
+    """Metric geometries -> lon/lat, each through its own frame (vectorised per frame)."""
+    out = np.array(geometries, dtype=object, copy=True)
+    for k, frame in enumerate(frames):
+        sel = frame_of == k
+        if sel.any():
+            out[sel] = shapely.transform(
+                out[sel], lambda xy, fr=frame: np.column_stack(fr.metric.to_wgs84(xy[:, 0], xy[:, 1]))
+            )
+    return out
+
+
+def _write_outputs(
+    stem: str,
+    out_dir: Path,
+    graph: LineGraph,
+    polygons_metric: np.ndarray,
+    polygon_tiles: np.ndarray,
+    frames: list[_Frame],
+    frame_of_tile: np.ndarray,
+    tile_names: list[str],
+    crs_source: bool,
+) -> dict:
+    """GeoJSON (and with ``crs_source`` a GeoPackage) of a metric network and its polygons; tile ``t``'s
+    geometries are in ``frames[frame_of_tile[t]]``."""
+    lines = to_shapely(graph)
+    lengths = shapely.length(lines) if len(lines) else np.zeros(0)
+    components = graph.components()
+    properties = {
+        "length_m": lengths,
+        "component_id": components,
+        "joined": graph.joined,
+        "tile": np.array([tile_names[t] for t in graph.tile], dtype=object),
+    }
+    polygon_properties = {
+        "area_m2": shapely.area(polygons_metric) if len(polygons_metric) else np.zeros(0),
+        "tile": np.array([tile_names[t] for t in polygon_tiles], dtype=object),
+    }
+    wgs_lines = _to_wgs84(lines, frame_of_tile[graph.tile], frames)
+    wgs_polygons = _to_wgs84(polygons_metric, frame_of_tile[polygon_tiles], frames)
+    centerlines = write_geojson(
+        out_dir / f"{stem}.centerlines.geojson", valid_geometries(wgs_lines), properties
+    )
+    polygons = write_geojson(
+        out_dir / f"{stem}.polygons.geojson", valid_geometries(wgs_polygons), polygon_properties
+    )
+    geopackage = None
+    if crs_source:
+        if len(frames) != 1:
+            raise VectorInputError(f"{stem}: --crs source needs every raster of a merged network in one CRS")
+        frame = frames[0]
+
+        def to_source(xy):
+            return np.column_stack(frame.metric.to_source(xy[:, 0], xy[:, 1]))
+
+        geopackage = out_dir / f"{stem}.gpkg"
+        geopackage.unlink(missing_ok=True)
+        wkt = frame.mosaic.crs_wkt
+        source_lines = valid_geometries(shapely.transform(lines, to_source))
+        source_polygons = valid_geometries(shapely.transform(polygons_metric, to_source))
+        write_geopackage(geopackage, "centerlines", source_lines, properties, wkt, "LineString")
+        write_geopackage(
+            geopackage, "polygons", source_polygons, polygon_properties, wkt, "MultiPolygon", append=True
+        )
+    return {
+        "centerlines": str(centerlines),
+        "polygons": str(polygons),
+        "geopackage": str(geopackage) if geopackage else None,
+        "num_edges": int(graph.num_edges),
+        "num_joined": int(graph.joined.sum()),
+        "num_components": int(components.max() + 1) if len(components) else 0,
+        "length_m": round(float(lengths.sum()), 3),
+        "num_polygons": len(polygons_metric),
+    }
+
+
+def _polygons_to_metric(polygons: np.ndarray, frame: _Frame, tolerance_m: float) -> np.ndarray:
+    if not len(polygons):
+        return polygons
+    metric = shapely.transform(
+        polygons, lambda xy: np.column_stack(frame.pixel_to_metric(xy[:, 0], xy[:, 1], centre=False))
+    )
+    if tolerance_m > 0:
+        metric = shapely.simplify(metric, tolerance_m, preserve_topology=True)
+    return metric[~shapely.is_empty(metric)]
+
+
+def _tile_job(job: dict) -> dict:
+    """One tile: raw graph and polygons, finished network, files. Runs in a worker process too."""
+    started = time.perf_counter()
+    mosaic, index, options = job["mosaic"], job["index"], job["options"]
+    frame = _Frame(mosaic)
+    params = PixelParams.of(options, frame.metric.pixel_size_m)
+    raw, polygons, num_blocks = tile_pieces(
+        mosaic.path, mosaic.areas[index], params, job["threshold"], job["raster"]
+    )
+    raw.tile[:] = 0
+    margin_px = EDGE_MARGIN_M / params.pixel_size_m
+    network = finish_network(raw, frame, options, margin_px)
+    polygons_metric = _polygons_to_metric(polygons, frame, options["SIMPLIFY_TOLERANCE_M"])
+    summary = {"tile": job["tile"], "raster": job["raster"], "crs": frame.metric.source_crs.to_string()}
+    summary |= _write_outputs(
+        job["stem"],
+        Path(job["out_dir"]),
+        network,
+        polygons_metric,
+        np.zeros(len(polygons_metric), np.int32),
+        [frame],
+        np.zeros(1, np.int64),
+        [job["tile"]],
+        job["crs_source"],
+    )
+    summary |= {
+        "pixel_size_m": round(params.pixel_size_m, 6),
+        "num_blocks": num_blocks,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return {"summary": summary, "raw": raw, "polygons_metric": polygons_metric}
+
+
+def vectorize_run(
+    paths,
+    out_dir,
+    cfg=None,
+    threshold: float | None = None,
+    *,
+    tile_names=None,
+    crs_source: bool = False,
+    workers: int | None = None,
+    write_summary: bool = True,
+) -> dict:
+    """Vectorise several rasters of one run and merge their networks (see the module)."""
+    started = time.perf_counter()
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not paths:
+        raise VectorInputError("no raster given")
+    for path in paths:
+        if not path.exists():
+            raise VectorInputError(f"{path}: no such file")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = vector_options(cfg)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise VectorInputError(f"threshold {threshold} is not a probability in [0, 1]")
+    names = list(tile_names) if tile_names else [None] * len(paths)
+    names = [name or output_stem(path) for name, path in zip(names, paths)]
+    if len(set(names)) != len(names):
+        raise VectorInputError(f"two inputs would write the same outputs: tile names {names}")
+    mosaics = _group_into_mosaics(paths, out_dir)
+    jobs = []
+    for mosaic, members in mosaics:
+        for index, i in enumerate(members):
+            jobs.append(
+                {
+                    "mosaic": mosaic,
+                    "index": index,
+                    "options": options,
+                    "threshold": threshold,
+                    "raster": str(paths[i]),
+                    "tile": names[i],
+                    "stem": names[i],
+                    "out_dir": str(out_dir),
+                    "crs_source": crs_source,
+                    "order": i,
+                }
+            )
+    workers = int(workers if workers is not None else options["WORKERS"])
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(
+            min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            results = list(pool.map(_tile_job, jobs))
+    else:
+        results = [_tile_job(job) for job in jobs]
+
+    run_summary = None
+    if len(paths) > 1:
+        run_summary = _merge_run(mosaics, jobs, results, names, options, out_dir, crs_source)
+    tiles = [r["summary"] for _, r in sorted(zip([j["order"] for j in jobs], results), key=lambda x: x[0])]
+    report = {"tiles": tiles, "run": run_summary, "seconds": round(time.perf_counter() - started, 3)}
+    if write_summary:
+        (out_dir / "vectors.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _merge_run(mosaics, jobs, results, names, options, out_dir: Path, crs_source: bool) -> dict:
+    """One network for the run: each mosaic's tile graphs merged at the tile borders, then finished."""
+    frames, networks, polygons, polygon_tiles, tile_frame = [], [], [], [], np.zeros(len(names), np.int64)
+    for k, (mosaic, _) in enumerate(mosaics):
+        frame = _Frame(mosaic)
+        frames.append(frame)
+        raws = []
+        for job, result in zip(jobs, results):
+            if job["mosaic"] is mosaic or job["mosaic"].path == mosaic.path:
+                raw = result["raw"]
+                raw.tile[:] = job["order"]
+                raws.append(raw)
+                tile_frame[job["order"]] = k
+                polygons.append(result["polygons_metric"])
+                polygon_tiles.append(np.full(len(result["polygons_metric"]), job["order"], np.int32))
+        merged = merge_pieces(raws)
+        margin_px = EDGE_MARGIN_M / frame.metric.pixel_size_m
+        networks.append(finish_network(merged, frame, options, margin_px))
+    graph = LineGraph.concatenate(networks)
+    summary = _write_outputs(
+        "run",
+        out_dir,
+        graph,
+        np.concatenate(polygons) if polygons else np.array([], dtype=object),
+        np.concatenate(polygon_tiles) if polygon_tiles else np.zeros(0, np.int32),
+        frames,
+        tile_frame,
+        names,
+        crs_source and len(mosaics) == 1,
+    )
+    return {"tile": "run", **summary}
+
+
+def vectorize_raster(
+    path, out_dir, cfg=None, threshold: float | None = None, tile_name: str | None = None
+) -> dict:
+    """Vectorise one raster (see the module); returns its summary."""
+    report = vectorize_run([path], out_dir, cfg, threshold, tile_names=[tile_name], write_summary=False)
+    return report["tiles"][0]
