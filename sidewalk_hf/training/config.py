@@ -188,6 +188,11 @@ class VectorConfig:
     THRESHOLD: float = 0.5
     # Processes over tiles (several inputs); 1 = this process.
     WORKERS: int = 1
+    # scripts/score_network.py: buffer widths, APLS control-point spacing and snapping, junction matching.
+    SCORE_BUFFERS_M: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    APLS_CONTROL_SPACING_M: float = 5.0
+    APLS_SNAP_M: float = 2.0
+    JUNCTION_RADIUS_M: float = 3.0
 
 
 @dataclass
