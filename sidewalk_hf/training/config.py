@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,7 +18,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The YAML files ship inside the package (a wheel install has them); the repository's top-level configs/ is a
+# link to this folder.
+CONFIGS_DIR = Path(str(resources.files("sidewalk_hf") / "configs"))
 
 
 @dataclass
@@ -104,9 +107,11 @@ class SolverConfig:
     # None: biases decay like other weights (Detectron2's default).
     WEIGHT_DECAY_BIAS: Optional[float] = None  # noqa: UP045 (OmegaConf schemas want Optional)
     CLIP_GRAD_NORM: float = 1.0
-    GRADIENT_ACCUMULATION_STEPS: int = 1
-    # "no" or "bf16" (or "fp16" on GPUs).
-    MIXED_PRECISION: str = "no"
+    # None: what the launcher says (`accelerate launch --gradient_accumulation_steps`, else 1).
+    GRADIENT_ACCUMULATION_STEPS: Optional[int] = None  # noqa: UP045 (OmegaConf schemas want Optional)
+    # "no" or "bf16" (or "fp16" on GPUs); None: what the launcher says (`accelerate launch --mixed_precision`
+    # or `accelerate config`, else "no"). A value here that contradicts the launcher is an error.
+    MIXED_PRECISION: Optional[str] = None  # noqa: UP045 (OmegaConf schemas want Optional)
     # Channels-last activations and weights: 1.04-1.14x faster training steps on CPUs (oneDNN), the layout
     # GPU convolutions prefer; false keeps PyTorch's default NCHW.
     CHANNELS_LAST: bool = True
@@ -131,6 +136,19 @@ class OutputConfig:
     ROOT: str = "runs"
     NAME: str = "sidewalk-deeplab"
     LOG_PERIOD: int = 20
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers, on top of the run folder's metrics.jsonl, which is always written."""
+
+    # Any of Accelerate's trackers: tensorboard, wandb, mlflow, clearml, trackio, aim, comet_ml, dvclive.
+    LOG_WITH: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # The tracker's project (wandb, trackio, comet_ml, clearml) or experiment (mlflow); runs are named after
+    # their run folder.
+    PROJECT: str = "sidewalk-hf"
+    # Keyword arguments for each tracker's init, e.g. {wandb: {entity: my-team, tags: [r101]}}.
+    INIT_KWARGS: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -180,6 +198,9 @@ class VectorConfig:
     GAP_LENGTH_M: float = 6.0
     # A gap is joined only towards points within this angle of the end's direction.
     JOIN_MAX_ANGLE_DEG: float = 45.0
+    # ... and only where the network's own path between the two is longer than this many times the gap
+    # (another component: no path at all).
+    JOIN_DETOUR_FACTOR: float = 4.0
     SIMPLIFY_TOLERANCE_M: float = 0.25
     # Blocks of this side (clamped to 256-4096 px) read with a halo wider than any sidewalk.
     BLOCK_SIZE_M: float = 512.0
@@ -196,6 +217,44 @@ class VectorConfig:
 
 
 @dataclass
+class DatasetBuildConfig:
+    """``scripts/make_dataset.py``: a training dataset from orthophotos and sidewalk vectors (flags override)."""
+
+    # Rasters (files, folders, globs) and vector files (GeoJSON, GeoPackage, Shapefile; any CRS).
+    IMAGES: list[str] = field(default_factory=list)
+    LABELS: list[str] = field(default_factory=list)
+    # An OGR SQL filter for the label files, e.g. "footway = 'sidewalk'"; "" keeps every feature.
+    LABELS_WHERE: str = ""
+    # Line width attribute (metres, "1.8", "1.8 m", "6 ft"); LINE_WIDTH_M for lines without one.
+    WIDTH_FIELD: str = "width"
+    LINE_WIDTH_M: Optional[float] = None  # noqa: UP045 (OmegaConf schemas want Optional)
+    # Polygons of the annotated area (outside: 255); "" = the convex hull of each label file.
+    LABEL_REGION: str = ""
+    OUT: str = ""
+    CHIP_SIZE_PX: int = 256
+    OVERLAP_PX: int = 32
+    # The pixel rule shared with inference: 1-based bands ("" = every non-alpha band) and scaling.
+    BANDS: str = ""
+    SCALE: str = "none"
+    IMAGE_FORMAT: str = "png"
+    # Fractions of train, validation, test; whole spatial blocks (or whole rasters) per split.
+    SPLIT: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    SPLIT_BY: str = "block"
+    SPLIT_BLOCK_M: float = 500.0
+    SEED: int = 0
+    # Hub license id of the dataset; the labels' source and license ("" = ODbL when they look like OSM).
+    LICENSE: str = "other"
+    LABEL_SOURCE: str = ""
+    LABEL_LICENSE: str = ""
+    PRETTY_NAME: str = ""
+    # Worker processes cutting chips (0: in the main process).
+    NUM_WORKERS: int = 4
+    # "org/name" publishes the finished dataset.
+    PUSH_TO_HUB: str = ""
+    PRIVATE: bool = True
+
+
+@dataclass
 class TrainingConfig:
     MODEL: ModelConfig = field(default_factory=ModelConfig)
     INPUT: InputConfig = field(default_factory=InputConfig)
@@ -205,20 +264,28 @@ class TrainingConfig:
     TEST: TestConfig = field(default_factory=TestConfig)
     CHECKPOINT: CheckpointConfig = field(default_factory=CheckpointConfig)
     OUTPUT: OutputConfig = field(default_factory=OutputConfig)
+    TRACKING: TrackingConfig = field(default_factory=TrackingConfig)
     HUB: HubConfig = field(default_factory=HubConfig)
     INFERENCE: InferenceConfig = field(default_factory=InferenceConfig)
+    DATASET_BUILD: DatasetBuildConfig = field(default_factory=DatasetBuildConfig)
     VECTOR: VectorConfig = field(default_factory=VectorConfig)
     SEED: int = 0
 
 
 CHOICES = {
     "DATASET.ON_BAD_SAMPLE": ("skip", "error"),
-    "SOLVER.MIXED_PRECISION": ("no", "bf16", "fp16"),
+    "SOLVER.MIXED_PRECISION": ("no", "bf16", "fp16", None),
     "SOLVER.ON_NONFINITE_LOSS": ("stop", "skip"),
     "INFERENCE.BLEND": ("cosine", "gaussian", "none"),
     "INFERENCE.DTYPE": ("fp32", "bf16"),
     "INFERENCE.ENGINE": ("local", "ray"),
+    "DATASET_BUILD.SPLIT_BY": ("block", "raster"),
+    "DATASET_BUILD.IMAGE_FORMAT": ("png", "jpeg"),
 }
+
+
+# Keys below these hold free-form mappings (any key may be set under them).
+FREE_FORM_KEYS = ("TRACKING.INIT_KWARGS",)
 
 
 class ConfigError(ValueError):
@@ -317,7 +384,7 @@ def load_config(config: str | Path | None = None, opts: list[str] | None = None)
         for path, document in _read_yaml_with_bases(resolve_config_path(config)):
             cfg = _merge(cfg, document, str(path))
     for key, value in _parse_opts(list(opts or [])):
-        if key not in all_keys():
+        if key not in all_keys() and not key.startswith(tuple(f"{k}." for k in FREE_FORM_KEYS)):
             raise ConfigError(f"--opts: unknown key {key!r}{_closest_key(key)}")
         cfg = _merge(cfg, _dotted(key, value), f"--opts {key}")
     _check_choices(cfg)
