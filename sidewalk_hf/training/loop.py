@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..configuration_sidewalk_deeplab import SidewalkDeepLabConfig
 from ..data.streaming import SegmentationStream, batch_to_model_inputs
+from ..datasets_from_geodata.card import pixel_rule_of_dataset
 from ..evaluation import evaluate_model
 from ..image_processing_sidewalk_deeplab import SidewalkImageProcessor
 from ..modeling_sidewalk_deeplab import SidewalkDeepLabForSemanticSegmentation, convert_batchnorm_to_sync
@@ -209,7 +210,9 @@ def train(cfg: DictConfig, *, run_dir: Path | None = None, argv: list[str] | Non
 
     # ---- build -------------------------------------------------------------------------------
     model_config = model_config_from(cfg)
-    processor = SidewalkImageProcessor.from_model_config(model_config)
+    processor = SidewalkImageProcessor.from_model_config(
+        model_config, pixel_rule=pixel_rule_of_dataset(cfg.DATASET.SOURCE)
+    )
     model = SidewalkDeepLabForSemanticSegmentation(model_config)
     if cfg.MODEL.WEIGHTS and not resuming:
         report = load_initial_weights(model, cfg.MODEL.WEIGHTS)
