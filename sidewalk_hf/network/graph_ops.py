@@ -5,10 +5,12 @@ All three take a ``LineGraph`` in a metric frame (``geo.units.metric_frame``) an
 - ``prune_spurs``: an edge from a free end to a junction (degree >= 3), or an isolated edge, shorter than
   the spur length is removed, the junction dissolved, and again until none is left. Ends listed in
   ``protected`` (where a line leaves the raster or continues in a neighbouring tile) are never free ends.
-- ``join_gaps``: each free end may connect to the nearest point of another connected component within the
-  gap length, if that point lies within ``max_angle_deg`` of the end's direction (measured over the last
-  ``direction_m`` of its edge); candidates are taken shortest first and a join is kept only while the two
-  components are still apart, so a gap is bridged once. A join onto an edge's interior splits that edge.
+- ``join_gaps``: each free end may connect to the nearest point of another line within the gap length, if
+  that point lies within ``max_angle_deg`` of the end's direction (measured over the last ``direction_m``
+  of its edge) and the network offers no path between the two shorter than ``detour_factor`` x the gap:
+  another connected component (no path at all), or a gap in a loop (a sidewalk cut by a tree's shadow
+  around a block is still connected the long way round). Candidates are taken shortest first against the
+  network as joined so far, so a gap is bridged once. A join onto an edge's interior splits that edge.
 - ``simplify``: Douglas-Peucker per edge (shapely, topology preserving; ends kept), then zero-length and
   duplicate edges are dropped.
 """
@@ -105,36 +107,50 @@ def _split_edge(path: np.ndarray, positions: list[tuple[float, np.ndarray]]) -> 
     return pieces
 
 
+def _network_of(graph: LineGraph, u: np.ndarray, v: np.ndarray, lengths: np.ndarray):
+    """The graph as networkx, node ids as in ``graph.nodes()``, the shortest of parallel edges kept."""
+    import networkx as nx
+
+    network = nx.Graph()
+    for a, b, length in zip(u.tolist(), v.tolist(), lengths.tolist()):
+        if a != b and (not network.has_edge(a, b) or network[a][b]["weight"] > length):
+            network.add_edge(a, b, weight=length)
+    return network
+
+
 def join_gaps(
     graph: LineGraph,
     gap_length: float,
     max_angle_deg: float = 45.0,
+    detour_factor: float = 4.0,
     direction_m: float = 3.0,
     protected: np.ndarray | None = None,
 ) -> LineGraph:
-    """Connect free ends to other components across gaps shorter than ``gap_length`` (see the module)."""
-    if gap_length <= 0 or graph.num_edges < 2:
+    """Connect free ends across gaps shorter than ``gap_length`` (see the module)."""
+    import networkx as nx
+
+    if gap_length <= 0 or graph.num_edges < 1:
         return graph
     _, u, v, _, free = free_ends(graph, protected)
     if not free.any():
         return graph
-    component_of_edge = graph.components()
     edges, end_xy, direction = _end_directions(graph, u, v, free, direction_m)
+    end_node = np.where((graph.end_points()[0][edges] == end_xy).all(axis=1), u[edges], v[edges])
     lines = to_shapely(graph)
     tree = shapely.STRtree(lines)
     end_points = shapely.points(end_xy)
     end_index, line_index = tree.query(end_points, predicate="dwithin", distance=gap_length)
-    other = component_of_edge[line_index] != component_of_edge[edges[end_index]]
-    end_index, line_index = end_index[other], line_index[other]
+    own = line_index == edges[end_index]
+    end_index, line_index = end_index[~own], line_index[~own]
     if not end_index.size:
         return graph
     along = shapely.line_locate_point(lines[line_index], end_points[end_index])
     target = shapely.get_coordinates(shapely.line_interpolate_point(lines[line_index], along))
-    # a point at an edge's end is that node exactly (the interpolation may round)
     first, last = graph.end_points()
     line_length = shapely.length(lines[line_index])
-    target = np.where((along <= 0)[:, None], first[line_index], target)
-    target = np.where((along >= line_length)[:, None], last[line_index], target)
+    at_first, at_last = along <= 0, along >= line_length
+    target = np.where(at_first[:, None], first[line_index], target)  # an edge's end is that node exactly
+    target = np.where(at_last[:, None], last[line_index], target)
     offset = target - end_xy[end_index]
     distance = np.linalg.norm(offset, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -142,31 +158,46 @@ def join_gaps(
     ok = (distance > 0) & (distance <= gap_length) & (cosine >= math.cos(math.radians(max_angle_deg)))
     candidates = np.flatnonzero(ok)
     candidates = candidates[np.lexsort((line_index[candidates], end_index[candidates], distance[candidates]))]
+    if not candidates.size:
+        return graph
 
-    parent = np.arange(int(component_of_edge.max()) + 1)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    network = _network_of(graph, u, v, graph.lengths())
     used_end = np.zeros(len(edges), bool)
     splits: dict[int, list[tuple[float, np.ndarray]]] = {}
-    join_paths = []
-    join_tiles = []
+    join_paths, join_tiles = [], []
+    next_node = len(graph.nodes()[0])
     for c in candidates:
         e, line = end_index[c], line_index[c]
         if used_end[e]:
             continue
-        a, b = find(component_of_edge[edges[e]]), find(component_of_edge[line])
-        if a == b:
+        limit = detour_factor * distance[c]
+        reach = nx.single_source_dijkstra_path_length(
+            network, int(end_node[e]), cutoff=limit, weight="weight"
+        )
+        a, b = int(u[line]), int(v[line])
+        if at_first[c]:
+            via_network = reach.get(a, math.inf)
+        elif at_last[c]:
+            via_network = reach.get(b, math.inf)
+        else:
+            via_network = min(
+                reach.get(a, math.inf) + along[c], reach.get(b, math.inf) + line_length[c] - along[c]
+            )
+        if via_network <= limit:
             continue
-        parent[a] = b
         used_end[e] = True
         point = target[c]
-        if 0 < along[c] < line_length[c]:
+        if at_first[c] or at_last[c]:
+            target_node = a if at_first[c] else b
+            ends_here = np.flatnonzero(end_node == target_node)
+            used_end[ends_here] = True  # two ends facing each other: one join
+        else:
+            target_node = next_node
+            next_node += 1
             splits.setdefault(int(line), []).append((float(along[c]), point))
+            network.add_edge(a, target_node, weight=float(along[c]))
+            network.add_edge(target_node, b, weight=float(line_length[c] - along[c]))
+        network.add_edge(int(end_node[e]), target_node, weight=float(distance[c]))
         join_paths.append(np.array([end_xy[e], point]))
         join_tiles.append(graph.tile[edges[e]])
     if not join_paths:

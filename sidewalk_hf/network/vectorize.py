@@ -42,10 +42,13 @@ from .blocks import block_grid, clip_to_core, is_cut_point, merge_pieces
 from .cleaning import area_m2_to_px, clean_mask
 from .export import valid_geometries, write_geojson, write_geopackage
 from .graph_ops import join_gaps, prune_spurs, simplify, to_shapely
-from .line_graph import LineGraph
+from .line_graph import LineGraph, dissolve_degree_two
 from .skeleton_graph import skeleton_graph, skeleton_of
 
 EDGE_MARGIN_M = 2.5  # an end this close to the run's outer edge is where a sidewalk leaves the imagery
+# A branch lying wholly this close to the outer edge is a sidewalk whose centerline is outside the imagery
+# (less than half of its width is visible, so its skeleton runs within a quarter width of the edge).
+EDGE_SLIVER_M = 0.5
 BLOCK_PX_RANGE = (256, 4096)
 MASK_VALUES = (0, 1, 255)
 
@@ -60,6 +63,7 @@ DEFAULTS = {
     "SPUR_LENGTH_M": 3.0,
     "GAP_LENGTH_M": 6.0,
     "JOIN_MAX_ANGLE_DEG": 45.0,
+    "JOIN_DETOUR_FACTOR": 4.0,
     "SIMPLIFY_TOLERANCE_M": 0.25,
     "BLOCK_SIZE_M": 512.0,
     "HALO_M": 32.0,
@@ -273,25 +277,66 @@ class _Frame:
         return self.metric.to_metric(*self.pixel_to_source(x, y, centre))
 
 
+def _distance_to_outer_edge(xy: np.ndarray, mosaic: Mosaic) -> np.ndarray:
+    """Pixels from pixel-centre coordinates to the mosaic's outer edge."""
+    x, y = xy[:, 0], xy[:, 1]
+    return np.minimum.reduce([x + 0.5, mosaic.width - 0.5 - x, y + 0.5, mosaic.height - 0.5 - y])
+
+
 def _protected_ends(graph: LineGraph, mosaic: Mosaic, margin_px: float) -> np.ndarray:
     """Pixel coordinates of the ends where a line continues: tile-border cuts and the run's outer edge."""
     if not graph.num_edges:
         return np.zeros((0, 2))
     node_xy, _, _, degree = graph.nodes()
     ends = node_xy[degree == 1]
-    x, y = ends[:, 0], ends[:, 1]
-    to_edge = np.minimum.reduce([x + 0.5, mosaic.width - 0.5 - x, y + 0.5, mosaic.height - 0.5 - y])
-    return ends[is_cut_point(ends) | (to_edge <= margin_px)]
+    return ends[is_cut_point(ends) | (_distance_to_outer_edge(ends, mosaic) <= margin_px)]
 
 
-def finish_network(raw: LineGraph, frame: _Frame, options: dict, margin_px: float) -> LineGraph:
-    """Raw merged graph (pixels) -> metric frame -> pruned, joined, simplified."""
-    protected = _protected_ends(raw, frame.mosaic, margin_px)
+def drop_edge_slivers(graph: LineGraph, mosaic: Mosaic, sliver_px: float) -> LineGraph:
+    """Trim branches (from an end of degree 1) where they run within ``sliver_px`` of the outer edge."""
+    if not graph.num_edges:
+        return graph
+    _, u, v, degree = graph.nodes()
+    paths, changed = graph.paths(), False
+    keep = np.ones(graph.num_edges, bool)
+    for i in np.flatnonzero((degree[u] == 1) | (degree[v] == 1)):
+        path = paths[i]
+        near = _distance_to_outer_edge(path, mosaic) <= sliver_px
+        if not near[0] and not near[-1]:
+            continue
+        if near.all():
+            keep[i], changed = False, True
+            continue
+        start, stop = 0, len(path)
+        if degree[u[i]] == 1 and near[0]:
+            start = int(np.argmin(near))
+        if degree[v[i]] == 1 and near[-1]:
+            stop = len(path) - int(np.argmin(near[::-1]))
+        if stop - start >= 2 and (start, stop) != (0, len(path)):
+            paths[i], changed = path[start:stop], True
+    if not changed:
+        return graph
+    trimmed = LineGraph.from_paths(
+        [paths[i] for i in np.flatnonzero(keep)], graph.joined[keep], graph.tile[keep]
+    )
+    return dissolve_degree_two(trimmed)
+
+
+def finish_network(raw: LineGraph, frame: _Frame, options: dict, pixel_size_m: float) -> LineGraph:
+    """Raw merged graph (pixels) -> metric frame -> without edge slivers, pruned, joined, simplified."""
+    raw = drop_edge_slivers(raw, frame.mosaic, EDGE_SLIVER_M / pixel_size_m)
+    protected = _protected_ends(raw, frame.mosaic, EDGE_MARGIN_M / pixel_size_m)
     graph = raw.map_coords(frame.pixel_to_metric)
     if len(protected):
         protected = np.column_stack(frame.pixel_to_metric(protected[:, 0], protected[:, 1]))
     graph = prune_spurs(graph, options["SPUR_LENGTH_M"], protected)
-    graph = join_gaps(graph, options["GAP_LENGTH_M"], options["JOIN_MAX_ANGLE_DEG"], protected=protected)
+    graph = join_gaps(
+        graph,
+        options["GAP_LENGTH_M"],
+        options["JOIN_MAX_ANGLE_DEG"],
+        options["JOIN_DETOUR_FACTOR"],
+        protected=protected,
+    )
     return simplify(graph, options["SIMPLIFY_TOLERANCE_M"])
 
 
@@ -392,8 +437,7 @@ def _tile_job(job: dict) -> dict:
         mosaic.path, mosaic.areas[index], params, job["threshold"], job["raster"]
     )
     raw.tile[:] = 0
-    margin_px = EDGE_MARGIN_M / params.pixel_size_m
-    network = finish_network(raw, frame, options, margin_px)
+    network = finish_network(raw, frame, options, params.pixel_size_m)
     polygons_metric = _polygons_to_metric(polygons, frame, options["SIMPLIFY_TOLERANCE_M"])
     summary = {"tile": job["tile"], "raster": job["raster"], "crs": frame.metric.source_crs.to_string()}
     summary |= _write_outputs(
@@ -499,8 +543,7 @@ def _merge_run(mosaics, jobs, results, names, options, out_dir: Path, crs_source
                 polygons.append(result["polygons_metric"])
                 polygon_tiles.append(np.full(len(result["polygons_metric"]), job["order"], np.int32))
         merged = merge_pieces(raws)
-        margin_px = EDGE_MARGIN_M / frame.metric.pixel_size_m
-        networks.append(finish_network(merged, frame, options, margin_px))
+        networks.append(finish_network(merged, frame, options, frame.metric.pixel_size_m))
     graph = LineGraph.concatenate(networks)
     summary = _write_outputs(
         "run",
