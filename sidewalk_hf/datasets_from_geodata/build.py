@@ -132,7 +132,7 @@ def _chip_outline(window, transform) -> tuple[np.ndarray, np.ndarray]:
     """Corners and edge midpoints of a window, in the raster's CRS."""
     cols = np.array([0, 0.5, 1, 1, 1, 0.5, 0, 0]) * window.width
     rows = np.array([0, 0, 0, 0.5, 1, 1, 1, 0.5]) * window.height
-    xs, ys = transform * (cols, rows)
+    xs, ys = transform @ (cols, rows)
     return np.asarray(xs, np.float64), np.asarray(ys, np.float64)
 
 
