@@ -19,12 +19,12 @@ rasterio = pytest.importorskip("rasterio")
 shapely = pytest.importorskip("shapely")
 pytest.importorskip("pyogrio")
 
-from PIL import Image  # noqa: E402
-from pyproj import Transformer  # noqa: E402
-from rasterio.windows import Window  # noqa: E402
+from PIL import Image
+from pyproj import Transformer
+from rasterio.windows import Window
 
-from sidewalk_hf.data.scene import write_scene  # noqa: E402
-from sidewalk_hf.datasets_from_geodata import BuildOptions, build_dataset, pixel_rule_of_dataset  # noqa: E402
+from sidewalk_hf.data.scene import write_scene
+from sidewalk_hf.datasets_from_geodata import BuildOptions, build_dataset, pixel_rule_of_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
