@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 \
 		--mixed_precision no --dynamo_backend no scripts/train.py --config demo.yaml
+	HF_HUB_OFFLINE=1 $(PY) scripts/demo_scene.py
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 $(PY) -m pytest -n 2 --durations=15 tests
