@@ -199,6 +199,57 @@ def test_a_bad_chip_gets_a_message_naming_the_file(app, monkeypatch, tiny_model_
         app.segment(str(path), 0.5, 0.25)
 
 
+def _write_geotiff(path: Path, height: int, width: int, *, georeferenced: bool = True) -> Path:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, height, width), dtype=np.uint8)
+    geo = (
+        {"crs": "EPSG:32618", "transform": from_origin(560_000, 4_460_000, 0.5, 0.5)} if georeferenced else {}
+    )
+    with rasterio.open(
+        path, "w", driver="GTiff", height=height, width=width, count=3, dtype="uint8", **geo
+    ) as out:
+        out.write(pixels)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "bands", "message"),
+    [
+        (
+            lambda p: _write_geotiff(p, 4097, 4),
+            "",
+            r"`bad.tif` is 4 x 4097 px; GeoTIFFs up to 4096 x 4096 px",
+        ),
+        (lambda p: p.write_bytes(b"II*\0" + b"\xff" * 64), "", r"`bad.tif`: cannot be opened as a raster"),
+        (lambda p: _write_geotiff(p, 16, 16), "1,x", r"GeoTIFF bands '1,x': expected 1-based band numbers"),
+        (lambda p: _write_geotiff(p, 16, 16), "1,2", r"GeoTIFF bands selects 2; the model takes 3"),
+    ],
+    ids=["too-large", "unreadable", "bands-not-numbers", "too-few-bands"],
+)
+def test_a_bad_geotiff_gets_a_message_naming_the_file(
+    app, monkeypatch, tiny_model_dir, tmp_path, make, bands, message
+):
+    monkeypatch.setenv("SIDEWALK_MODEL", str(tiny_model_dir))
+    path = tmp_path / "bad.tif"
+    make(path)
+    with pytest.raises(app.gr.Error, match=message):
+        app.segment(str(path), 0.5, 0.25, bands)
+
+
+def test_a_geotiff_without_a_crs_gets_masks_and_says_why_there_are_no_centerlines(
+    app, monkeypatch, tiny_model_dir, tmp_path
+):
+    monkeypatch.setenv("SIDEWALK_MODEL", str(tiny_model_dir))
+    path = _write_geotiff(tmp_path / "plain.tif", 64, 64, georeferenced=False)
+    _, _, centerlines, downloads, status = app.segment(
+        str(path), 0.5, 0.25, "", progress=lambda *a, **k: None
+    )
+    assert [Path(p).name for p in downloads] == ["plain.mask.tif", "plain.prob.tif"]
+    assert centerlines is None and "no centerlines: the GeoTIFF has no CRS" in status
+
+
 def test_an_rgba_chip_is_predicted_on_its_colour_bands(app, monkeypatch, tiny_model_dir, tmp_path):
     monkeypatch.setenv("SIDEWALK_MODEL", str(tiny_model_dir))
     rgb = Image.open(SPACE_DIR / "examples" / "chip_0.png").convert("RGB")

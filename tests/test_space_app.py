@@ -4,6 +4,7 @@ headless Chromium (Playwright), with a tiny model; its masks are the library's o
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from sidewalk_hf import (
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "space" / "app.py"
 EXAMPLE_CHIP = REPO / "space" / "examples" / "chip_0.png"
+EXAMPLE_GEOTIFF = REPO / "space" / "examples" / "scene.tif"
 CHROMIUM = Path("/usr/lib/chromium/chromium-headless-shell")
 CHROMIUM_FLAGS = [
     "--no-sandbox",  # tests run as root
@@ -131,7 +133,7 @@ def _returned_mask(result) -> np.ndarray:
 def test_the_returned_mask_is_the_library_pipelines_prediction(client, tiny_model_dir):
     from transformers import pipeline
 
-    result = client.predict(gradio_client.handle_file(str(EXAMPLE_CHIP)), 0.5, 0.25, api_name="/segment")
+    result = client.predict(gradio_client.handle_file(str(EXAMPLE_CHIP)), 0.5, 0.25, "", api_name="/segment")
     overlay, probability_picture, centerlines, _, status = result
     mask = _returned_mask(result)
 
@@ -155,10 +157,10 @@ def test_the_returned_mask_is_the_library_pipelines_prediction(client, tiny_mode
 def test_the_threshold_slider_sets_the_probability_cut(client, tiny_model_dir):
     probability = _library_sidewalk_probability(tiny_model_dir, Image.open(EXAMPLE_CHIP).convert("RGB"))
     strict = _returned_mask(
-        client.predict(gradio_client.handle_file(str(EXAMPLE_CHIP)), 0.8, 0.25, api_name="/segment")
+        client.predict(gradio_client.handle_file(str(EXAMPLE_CHIP)), 0.8, 0.25, "", api_name="/segment")
     )
     loose = _returned_mask(
-        client.predict(gradio_client.handle_file(str(EXAMPLE_CHIP)), 0.2, 0.25, api_name="/segment")
+        client.predict(gradio_client.handle_file(str(EXAMPLE_CHIP)), 0.2, 0.25, "", api_name="/segment")
     )
     away_from_cut = np.abs(probability - 0.8) > 1e-5  # float rounding may flip pixels on the cut itself
     np.testing.assert_array_equal(strict[away_from_cut], (probability > 0.8)[away_from_cut])
@@ -169,10 +171,76 @@ def test_a_file_that_is_no_image_gets_a_message_not_a_stack_trace(client, tmp_pa
     fake = tmp_path / "chip.png"
     fake.write_text("this is not a PNG")
     with pytest.raises(gradio_client.exceptions.AppError) as raised:
-        client.predict(gradio_client.handle_file(str(fake)), 0.5, 0.25, api_name="/segment")
+        client.predict(gradio_client.handle_file(str(fake)), 0.5, 0.25, "", api_name="/segment")
     message = str(raised.value)
     assert "`chip.png` is not a readable PNG or JPEG image." in message
     assert "Traceback" not in message
+
+
+@pytest.fixture(scope="module")
+def library_prediction(tiny_model_dir, tmp_path_factory):
+    """What the package's own inference and vector stage make of the example GeoTIFF (the app's defaults:
+    the model's window, 25% overlap)."""
+    from sidewalk_hf.inference import InferenceOptions, predict_rasters
+    from sidewalk_hf.network.vectorize import vectorize_raster
+
+    out = tmp_path_factory.mktemp("library_prediction")
+    options = InferenceOptions(window_px=0, stride_fraction=0.75, write_probs=True, num_workers=0)
+    predict_rasters(str(tiny_model_dir), [str(EXAMPLE_GEOTIFF)], out, options)
+    vectorize_raster(out / "scene.mask.tif", out / "vectors", tile_name="scene")
+    return out
+
+
+def _raster(path):
+    import rasterio
+
+    with rasterio.open(path) as dataset:
+        return dataset.read(1), dataset.crs, dataset.transform
+
+
+def test_a_geotiff_gives_the_librarys_mask_and_centerlines_georeferenced(client, library_prediction):
+    result = client.predict(
+        gradio_client.handle_file(str(EXAMPLE_GEOTIFF)), 0.5, 0.25, "", api_name="/segment"
+    )
+    overlay, _, centerlines_picture, downloads, status = result
+    by_name = {Path(path).name: Path(path) for path in downloads}
+    assert sorted(by_name) == ["scene.centerlines.geojson", "scene.mask.tif", "scene.prob.tif"]
+
+    mask, crs, transform = _raster(by_name["scene.mask.tif"])
+    expected, expected_crs, expected_transform = _raster(library_prediction / "scene.mask.tif")
+    np.testing.assert_array_equal(mask, expected)
+    assert 0 < (mask == 1).mean() < 1
+    assert crs == expected_crs == "EPSG:32618" and transform == expected_transform
+    lines = json.loads(by_name["scene.centerlines.geojson"].read_text())
+    expected_lines = json.loads((library_prediction / "vectors" / "scene.centerlines.geojson").read_text())
+    assert lines["features"] and lines["features"] == expected_lines["features"]
+
+    (sidewalk,) = overlay["annotations"]  # no nodata in the example
+    np.testing.assert_array_equal(np.asarray(Image.open(sidewalk["image"]))[..., 3] > 0, mask == 1)
+    drawn = np.asarray(Image.open(centerlines_picture).convert("RGB"))
+    assert drawn.shape[:2] == mask.shape
+    assert (np.all(drawn == (255, 212, 0), axis=-1)).sum() > 100  # the centerlines are drawn
+    assert "EPSG:32618" in status and "centerline segments" in status
+
+
+def test_a_geotiffs_threshold_cuts_the_librarys_probabilities(client, library_prediction):
+    result = client.predict(
+        gradio_client.handle_file(str(EXAMPLE_GEOTIFF)), 0.7, 0.25, "", api_name="/segment"
+    )
+    mask, _, _ = _raster(next(p for p in result[3] if p.endswith(".mask.tif")))
+    probability, _, _ = _raster(library_prediction / "scene.prob.tif")
+    expected = np.where(probability == 255, 255, probability.astype(np.float32) / 254 >= 0.7)
+    np.testing.assert_array_equal(mask, expected)
+    assert "threshold 0.70" in result[4]
+
+
+def test_a_geotiff_with_the_wrong_band_count_gets_a_message(client, tmp_path):
+    from sidewalk_hf.data.scene import write_scene
+
+    scene = write_scene(tmp_path, "four_band", height_px=64, width_px=64, num_bands=4)
+    with pytest.raises(gradio_client.exceptions.AppError) as raised:
+        client.predict(gradio_client.handle_file(str(scene.image)), 0.5, 0.25, "", api_name="/segment")
+    assert "`four_band.tif` has 4 band(s); the model takes 3. Enter the 3 bands" in str(raised.value)
 
 
 # ---- a real browser --------------------------------------------------------------------------------------
@@ -222,6 +290,21 @@ def test_in_a_browser_an_uploaded_example_shows_its_sidewalk_overlay(page, tmp_p
     assert page.locator('[data-testid="toast-body"].error').count() == 0
     assert "Error" not in page.inner_text("#status")
     assert (tmp_path / "space.png").stat().st_size > 10_000
+
+
+def test_in_a_browser_a_geotiff_shows_its_centerlines_and_downloads(page, tmp_path):
+    _upload_and_run(page, EXAMPLE_GEOTIFF)
+    page.wait_for_selector("#centerlines img", state="visible", timeout=120_000)
+    page.wait_for_selector("#status :text('centerline segments')", timeout=30_000)
+    for name in ("scene.mask.tif", "scene.centerlines.geojson", "scene.prob.tif"):
+        link = page.locator(f"#downloads a[download='{name}']")
+        assert link.count() == 1, name
+        response = page.request.get(link.get_attribute("href"))
+        assert response.ok and len(response.body()) > 1000, name
+    shown = Image.open(io.BytesIO(page.locator("#centerlines img").screenshot())).convert("RGB")
+    assert np.asarray(shown, dtype=np.float32).std() > 10, "the centerlines picture is blank"
+    assert page.locator('[data-testid="toast-body"].error').count() == 0
+    page.screenshot(path=str(tmp_path / "space_geotiff.png"), full_page=True)
 
 
 def test_in_a_browser_a_bad_upload_shows_a_message(page, tmp_path):
