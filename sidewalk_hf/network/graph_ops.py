@@ -140,12 +140,38 @@ def join_gaps(
     tree = shapely.STRtree(lines)
     end_points = shapely.points(end_xy)
     end_index, line_index = tree.query(end_points, predicate="dwithin", distance=gap_length)
+    # on an end's own edge only the part farther along it than any accepted detour can be a target
     own = line_index == edges[end_index]
-    end_index, line_index = end_index[~own], line_index[~own]
+    search = lines[line_index].copy()
+    start_offset = np.zeros(len(line_index))
+    if own.any():
+        from shapely.ops import substring
+
+        reach_m = detour_factor * gap_length
+        own_lengths = shapely.length(search[own])
+        from_start = (graph.end_points()[0][edges[end_index[own]]] == end_xy[end_index[own]]).all(axis=1)
+        subs = []
+        for line, length, at_start in zip(search[own], own_lengths, from_start):
+            if length <= reach_m:
+                subs.append(shapely.LineString())
+            else:
+                subs.append(
+                    substring(line, reach_m, length) if at_start else substring(line, 0, length - reach_m)
+                )
+        search[own] = subs
+        start_offset[own] = np.where(from_start, reach_m, 0.0)
+    usable = ~shapely.is_empty(search)
+    end_index, line_index, search, start_offset = (
+        end_index[usable],
+        line_index[usable],
+        search[usable],
+        start_offset[usable],
+    )
     if not end_index.size:
         return graph
-    along = shapely.line_locate_point(lines[line_index], end_points[end_index])
-    target = shapely.get_coordinates(shapely.line_interpolate_point(lines[line_index], along))
+    along = shapely.line_locate_point(search, end_points[end_index])
+    target = shapely.get_coordinates(shapely.line_interpolate_point(search, along))
+    along = along + start_offset
     first, last = graph.end_points()
     line_length = shapely.length(lines[line_index])
     at_first, at_last = along <= 0, along >= line_length
