@@ -3,6 +3,7 @@ headless Chromium (Playwright), with a tiny model; its masks are the library's o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -117,10 +118,22 @@ def client(app_url):
     return gradio_client.Client(app_url, verbose=False)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run the library's own prediction on one thread, as the app server does (OMP_NUM_THREADS=1), so that
+    float reductions and hence near-tie pixels are the same on both sides."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _library_sidewalk_probability(model_dir: Path, image: Image.Image) -> np.ndarray:
     model = SidewalkDeepLabForSemanticSegmentation.from_pretrained(model_dir).eval()
     processor = SidewalkImageProcessor.from_pretrained(model_dir)
-    with torch.inference_mode():
+    with torch.inference_mode(), one_thread():
         logits = model(**processor(images=image, return_tensors="pt")).logits
     return logits.softmax(1)[0, 1].numpy()
 
@@ -137,7 +150,8 @@ def test_the_returned_mask_is_the_library_pipelines_prediction(client, tiny_mode
     overlay, probability_picture, centerlines, _, status = result
     mask = _returned_mask(result)
 
-    segments = pipeline("image-segmentation", model=str(tiny_model_dir))(Image.open(EXAMPLE_CHIP))
+    with one_thread():
+        segments = pipeline("image-segmentation", model=str(tiny_model_dir))(Image.open(EXAMPLE_CHIP))
     expected = next(s["mask"] for s in segments if s["label"] == "sidewalk")
     np.testing.assert_array_equal(mask, (np.asarray(expected) == 255).astype(np.uint8))
     assert 0 < mask.mean() < 1  # both classes present: the comparison means something
@@ -186,7 +200,8 @@ def library_prediction(tiny_model_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("library_prediction")
     options = InferenceOptions(window_px=0, stride_fraction=0.75, write_probs=True, num_workers=0)
-    predict_rasters(str(tiny_model_dir), [str(EXAMPLE_GEOTIFF)], out, options)
+    with one_thread():
+        predict_rasters(str(tiny_model_dir), [str(EXAMPLE_GEOTIFF)], out, options)
     vectorize_raster(out / "scene.mask.tif", out / "vectors", tile_name="scene")
     return out
 
