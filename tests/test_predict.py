@@ -339,3 +339,17 @@ def test_the_ray_engine_on_a_local_cluster_equals_the_local_engine(model_dir, sc
     }
     for name in ("rgb8.mask.tif", "rgb8.prob.tif", "feet.mask.tif"):
         assert np.array_equal(_read(tmp_path / "local" / name)[0], _read(tmp_path / "ray" / name)[0]), name
+
+
+def test_inference_options_come_from_the_config_and_a_wrong_key_is_named(model_dir, scenes, tmp_path):
+    config = tmp_path / "predict.yaml"
+    config.write_text("INFERENCE:\n  WINDOW_PX: 48\n  NUM_WORKERS: 0\n  VECTORS: false\n")
+    out = tmp_path / "out"
+    common = [*PREDICT, "--model", str(model_dir), "--input", str(scenes["feet"].image), "--out", str(out)]
+    subprocess.run(
+        [*common, "--config", str(config), "--device", "cpu"], check=True, capture_output=True, timeout=300
+    )
+    assert json.loads((out / "run.json").read_text())["parameters"]["window_px"] == 48
+    wrong = subprocess.run([*common, "--opts", "INFERENCE.BLND", "gaussian"], check=False, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert wrong.returncode == 2 and "INFERENCE.BLEND" in wrong.stderr
