@@ -287,3 +287,56 @@ def test_lines_without_a_width_need_line_width_m(utm_scene, tmp_path, capsys):
         make_dataset_main(argv + ["--line-width-m", "1.5", "--chip-size", "128", "--split-block-m", "80"])
         == 0
     )
+
+
+@pytest.mark.parametrize("driver, suffix", [("GPKG", ".gpkg"), ("ESRI Shapefile", ".shp")])
+def test_sidewalk_polygons_from_a_geopackage_or_shapefile_are_used_as_they_are(
+    utm_scene, tmp_path, driver, suffix
+):
+    import pyogrio.raw
+
+    scene, _, region = utm_scene
+    collection = json.loads(scene.centerlines.read_text())
+    polygons = [shapely.geometry.shape(f["geometry"]).buffer(f["properties"]["width_m"] / 2, cap_style="square",
+                                                             join_style="mitre") for f in collection["features"]]  # fmt: skip
+    polygons = shapely.get_parts(shapely.union_all(polygons))  # a city's sidewalk polygons: one per area
+    to_wgs84 = Transformer.from_crs(scene.crs, "EPSG:4326", always_xy=True)
+    polygons = shapely.transform(polygons, lambda xy: np.column_stack(to_wgs84.transform(xy[:, 0], xy[:, 1])))
+    path = tmp_path / f"sidewalks{suffix}"
+    pyogrio.raw.write(path, shapely.to_wkb(polygons), field_data=[np.arange(len(polygons))], fields=["fid_"],
+                      driver=driver, geometry_type="Polygon", crs="EPSG:4326")  # fmt: skip
+    out = tmp_path / "dataset"
+    build_dataset(BuildOptions(images=[str(scene.image)], labels=[str(path)], out=str(out), chip_px=128,
+                               overlap_px=0, label_region=str(region), split=(1, 0, 0), num_workers=0))  # fmt: skip
+    masks, truth = masks_and_truth(read_rows(out), scene.truth_mask)
+    assert sidewalk_iou(masks, truth) >= 0.95
+    assert "**unknown**" in (out / "README.md").read_text()  # not OSM-like: the label license is not guessed
+
+
+def test_percentile_scaling_is_resolved_once_and_recorded(tmp_path):
+    scene = write_scene(tmp_path, "nrgb16", height_px=256, width_px=256, seed=2, gsd_m=0.3, num_bands=4,
+                        dtype="uint16")  # fmt: skip
+    lines = osm_lines(scene, tmp_path / "lines.geojson")
+    out = tmp_path / "dataset"
+    report = build_dataset(BuildOptions(images=[str(scene.image)], labels=[str(lines)], out=str(out), chip_px=128,
+                                        bands="1,3,4", scale="percentiles:2,98", split=(1, 0, 0), num_workers=0))  # fmt: skip
+    rule = pixel_rule_of_dataset(out)
+    assert rule["bands"] == [1, 3, 4] and rule["scale"] == "percentiles:2,98" and len(rule["ranges"]) == 3
+    assert all(0 <= lo < hi <= 65535 for lo, hi in rule["ranges"]) and rule == report["pixel_rule"]
+    pixels = np.stack([row["pixels"] for row in read_rows(out)])
+    assert pixels.min() == 0 and pixels.max() == 255  # the tails beyond the percentiles are clipped
+
+
+def test_split_by_raster_puts_each_raster_in_one_split(utm_scene, tmp_path):
+    from sidewalk_hf.data.scene import split_into_tiles
+
+    scene, lines, _ = utm_scene
+    tiles = split_into_tiles(scene.image, 2, 2, tmp_path / "tiles")
+    out = tmp_path / "dataset"
+    build_dataset(BuildOptions(images=[str(t) for t in tiles], labels=[str(lines)], out=str(out), chip_px=64,
+                               split_by="raster", split=(0.5, 0.5, 0), num_workers=0))  # fmt: skip
+    split_of = {}
+    for row in read_rows(out):
+        split_of.setdefault(row["source"], set()).add(row["split"])
+    assert len(split_of) == 4 and all(len(splits) == 1 for splits in split_of.values())
+    assert set().union(*split_of.values()) == {"train", "validation"}  # one scene, yet two splits
