@@ -70,6 +70,7 @@ MODEL_FILES = [
     "configuration_sidewalk_deeplab.py",
     "image_processing_sidewalk_deeplab.py",
     "model.safetensors",
+    "layers_sidewalk_deeplab.py",
     "modeling_sidewalk_deeplab.py",
     "preprocessor_config.json",
 ]
