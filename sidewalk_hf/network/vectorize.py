@@ -323,7 +323,8 @@ def drop_edge_slivers(graph: LineGraph, mosaic: Mosaic, sliver_px: float) -> Lin
 
 
 def finish_network(raw: LineGraph, frame: _Frame, options: dict, pixel_size_m: float) -> LineGraph:
-    """Raw merged graph (pixels) -> metric frame -> without edge slivers, pruned, joined, simplified."""
+    """Raw merged graph (pixels) -> metric frame -> without edge slivers, pruned, joined, simplified
+    (and pruned again: simplified lines are a little shorter)."""
     raw = drop_edge_slivers(raw, frame.mosaic, EDGE_SLIVER_M / pixel_size_m)
     protected = _protected_ends(raw, frame.mosaic, EDGE_MARGIN_M / pixel_size_m)
     graph = raw.map_coords(frame.pixel_to_metric)
@@ -337,7 +338,9 @@ def finish_network(raw: LineGraph, frame: _Frame, options: dict, pixel_size_m: f
         options["JOIN_DETOUR_FACTOR"],
         protected=protected,
     )
-    return simplify(graph, options["SIMPLIFY_TOLERANCE_M"])
+    graph = simplify(graph, options["SIMPLIFY_TOLERANCE_M"])
+    # simplifying shortens lines a little: a spur just over the length before may be just under it now
+    return simplify(prune_spurs(graph, options["SPUR_LENGTH_M"], protected), 0.0)
 
 
 def _to_wgs84(geometries: np.ndarray, frame_of: np.ndarray, frames: list[_Frame]) -> np.ndarray:
