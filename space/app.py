@@ -40,6 +40,7 @@ MAX_CHIP_SIDE_PX = 2048  # a chip is predicted in one forward pass; larger image
 MAX_GEOTIFF_SIDE_PX = 4096  # predicted window by window (minutes on a CPU at the largest)
 MAX_UPLOAD_MB = 256  # a 4096 x 4096 4-band uint16 GeoTIFF, uncompressed, is 128 MiB
 MAX_SHOWN_SIDE_PX = 2048  # larger GeoTIFFs are shown decimated (downloads keep every pixel)
+KEEP_OUTPUTS_S = 3600
 CHIP_SUFFIXES = (".png", ".jpg", ".jpeg")
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
 NON_UINT8_SCALE = "percentiles:2,98"  # 16-bit or float GeoTIFFs without a rule of the model's own
@@ -171,6 +172,19 @@ def read_chip(path: Path, num_channels: int) -> np.ndarray:
         raise InputError(f"`{path.name}` could not be decoded: {error}") from None
 
 
+def request_folder() -> Path:
+    """A new folder for one request's outputs; folders of requests over an hour old are removed (gradio
+    has copied what it serves by then, and clears its own copies with ``delete_cache``)."""
+    import shutil
+
+    root = Path(tempfile.gettempdir()) / "sidewalk-space"
+    root.mkdir(exist_ok=True)
+    for old in root.iterdir():
+        if time.time() - old.stat().st_mtime > KEEP_OUTPUTS_S:
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=root))
+
+
 def segment_chip(path: Path, threshold: float, progress: gr.Progress):
     progress(0.05, desc="Loading the model")
     loaded = current_model()
@@ -181,7 +195,7 @@ def segment_chip(path: Path, threshold: float, progress: gr.Progress):
     seconds = time.perf_counter() - started
     mask = threshold_mask(margin, threshold)
 
-    out_dir = Path(tempfile.mkdtemp(prefix="sidewalk-"))
+    out_dir = request_folder()
     mask_path = out_dir / f"{path.stem}.mask.png"
     Image.fromarray(mask.astype(np.uint8)).save(mask_path)
     overlay = (rgb, [(mask.astype(np.float32) * OVERLAY_OPACITY, "sidewalk")])
@@ -285,7 +299,7 @@ def segment_geotiff(path: Path, threshold: float, overlap: float, bands_text: st
     rule = geotiff_rule(loaded, path, bands_text)
     if not 0.0 <= overlap < 1.0:
         raise InputError(f"The tile overlap must be in [0, 1), got {overlap}.")
-    out_dir = Path(tempfile.mkdtemp(prefix="sidewalk-"))
+    out_dir = request_folder()
     options = InferenceOptions(
         window_px=0,  # the model's training chip size
         stride_fraction=1.0 - overlap,
@@ -411,7 +425,7 @@ def model_status() -> str:
 def build_demo() -> gr.Blocks:
     suffixes = CHIP_SUFFIXES + GEOTIFF_SUFFIXES
     examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in suffixes)
-    with gr.Blocks(title="Sidewalk segmentation") as demo:
+    with gr.Blocks(title="Sidewalk segmentation", delete_cache=(KEEP_OUTPUTS_S, KEEP_OUTPUTS_S)) as demo:
         gr.Markdown(
             "# Sidewalk segmentation\n"
             f"Upload an aerial image chip (PNG or JPEG, up to {MAX_CHIP_SIDE_PX} px a side) or a GeoTIFF "
