@@ -211,11 +211,23 @@ def run_unit(unit: dict) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         return {"id": unit["id"], "raster": unit["raster"], "status": "failed", "error": f"{error}"}
     result = {"id": unit["id"], "raster": unit["raster"], "status": "done", "splits": counts,
-              "skipped": dict(skipped)}  # fmt: skip
+              "skipped": dict(skipped), "peak_rss_mib": _peak_rss_mib()}  # fmt: skip
     (staging / "done.json").write_text(json.dumps(result) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return result
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux and macOS; 0 where unknown)."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    except (ImportError, OSError):
+        return 0.0
 
 
 def _fingerprint(path: str | Path) -> list:
@@ -469,6 +481,7 @@ def _finish(
         "footprints": footprints,
         "skipped_chips": dict(skipped),
         "units": {"total": len(units), "ran_now": ran, "failed": len(failed)},
+        "peak_rss_mib": max(results[u["id"]].get("peak_rss_mib", 0.0) for u in done),
         "seconds": round(time.time() - started, 2),
         "work_seconds": round(work_seconds, 2),
         "chips_per_s": round(chips_made / work_seconds, 2)

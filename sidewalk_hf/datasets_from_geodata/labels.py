@@ -211,6 +211,8 @@ class RasterLabels:
         self.region = region  # None: everything is annotated
         self.tree = shapely.STRtree(polygons)
         self.region_tree = shapely.STRtree(region) if region is not None else None
+        if region is not None:
+            shapely.prepare(region)
 
     @classmethod
     def for_area(cls, layers, region_layers, crs, transform, width: int, height: int, bounds) -> RasterLabels:
@@ -297,6 +299,10 @@ class RasterLabels:
         if self.region_tree is not None:
             inside = np.zeros(shape, np.uint8)
             hits = self.region_tree.query(chip_box, predicate="intersects")
+            if hits.size and shapely.contains(self.region[hits], chip_box).any():
+                return (
+                    mask  # the chip lies inside the annotated region (the common case): nothing to rasterise
+                )
             if hits.size:
                 inside = rasterize(
                     ((geometry, 1) for geometry in self.region[hits]),
