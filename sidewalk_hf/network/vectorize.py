@@ -488,8 +488,9 @@ def vectorize_run(
         raise VectorInputError(f"threshold {threshold} is not a probability in [0, 1]")
     names = list(tile_names) if tile_names else [None] * len(paths)
     names = [name or output_stem(path) for name, path in zip(names, paths)]
-    if len(set(names)) != len(names):
-        raise VectorInputError(f"two inputs would write the same outputs: tile names {names}")
+    stems = [output_stem(path) for path in paths]
+    if len(set(stems)) != len(stems) or len(set(names)) != len(names):
+        raise VectorInputError(f"two inputs would write the same outputs: {stems} (tiles {names})")
     mosaics = _group_into_mosaics(paths, out_dir)
     jobs = []
     for mosaic, members in mosaics:
@@ -502,7 +503,7 @@ def vectorize_run(
                     "threshold": threshold,
                     "raster": str(paths[i]),
                     "tile": names[i],
-                    "stem": names[i],
+                    "stem": stems[i],
                     "out_dir": str(out_dir),
                     "crs_source": crs_source,
                     "order": i,
