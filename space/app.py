@@ -116,7 +116,8 @@ def current_model() -> LoadedModel:
 def sidewalk_probability(loaded: LoadedModel, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(probability, margin)`` of sidewalk per pixel of an (H, W, C) uint8 chip, through the model's image
     processor and the model. ``margin`` is the sidewalk logit minus the log-sum-exp of the others, so
-    ``margin > logit(threshold)`` is ``probability > threshold`` without rounding (at 0.5: the argmax)."""
+    ``margin > logit(threshold)`` is ``probability > threshold`` without rounding (with two classes, at 0.5:
+    the argmax, the pipeline's answer)."""
     inputs = loaded.processor(images=rgb, return_tensors="pt")
     with torch.inference_mode():
         logits = loaded.model(**inputs).logits[0].float()
