@@ -340,3 +340,20 @@ def test_split_by_raster_puts_each_raster_in_one_split(utm_scene, tmp_path):
         split_of.setdefault(row["source"], set()).add(row["split"])
     assert len(split_of) == 4 and all(len(splits) == 1 for splits in split_of.values())
     assert set().union(*split_of.values()) == {"train", "validation"}  # one scene, yet two splits
+
+
+def test_an_existing_folder_is_only_replaced_when_it_holds_a_dataset(utm_scene, tmp_path):
+    from sidewalk_hf.datasets_from_geodata import BuildError
+
+    scene, lines, _ = utm_scene
+    out = tmp_path / "dataset"
+    settings = {"images": [str(scene.image)], "labels": [str(lines)], "out": str(out), "chip_px": 128,
+                "split": (1, 0, 0), "num_workers": 0}  # fmt: skip
+    build_dataset(BuildOptions(**settings))
+    with pytest.raises(BuildError, match="already holds a finished dataset"):
+        build_dataset(BuildOptions(**settings))
+    build_dataset(BuildOptions(**settings), overwrite=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BuildError, match="not removing it"):
+        build_dataset(BuildOptions(**settings), overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "README.md").is_file()

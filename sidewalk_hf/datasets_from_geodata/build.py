@@ -45,6 +45,8 @@ from .writing import (
 logger = logging.getLogger(__name__)
 BUILD_DIR = ".build"
 REPORT_FILE = "build_report.json"
+# What a build writes into its folder; --overwrite removes a folder holding nothing else.
+DATASET_ENTRIES = frozenset({BUILD_DIR, "data", "footprints", CARD_FILE, "contact_sheet.png", REPORT_FILE})
 GDAL_CACHE_MB = 128  # per worker process: GDAL's default (5% of RAM) times many workers would not be bounded
 
 
@@ -293,6 +295,9 @@ def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """Returns whether an unfinished build is resumed."""
     plan_path = out / BUILD_DIR / "plan.json"
     if overwrite and out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASET_ENTRIES)
+        if foreign:
+            raise BuildError(f"{out} holds files a build does not write ({foreign[:5]}): not removing it")
         shutil.rmtree(out)
     if plan_path.is_file():
         if not resume:
