@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sidewalk_hf.network.cleaning import area_m2_to_px, clean_mask, fill_small_holes, remove_small_objects
-from sidewalk_hf.network.graph_ops import find_spurs, join_gaps, prune_spurs, simplify
+from sidewalk_hf.network.graph_ops import drop_small_components, find_spurs, join_gaps, prune_spurs, simplify
 from sidewalk_hf.network.line_graph import LineGraph, canonical
 from sidewalk_hf.network.skeleton_graph import skeleton_graph, skeleton_of
 
@@ -178,6 +178,12 @@ def test_a_gap_in_a_loop_is_joined_when_the_way_round_is_long():
 def test_two_facing_ends_get_one_join():
     joined = join_gaps(_graph([[0, 0], [10, 0]], [[12, 0], [20, 0]]), gap_length=5.0)
     assert joined.joined.sum() == 1
+
+
+def test_small_components_go_unless_they_leave_the_tile():
+    graph = _graph([[0, 0], [30, 0]], [[0, 10], [4, 10], [4, 14]], [[50, 50], [55, 50]])
+    kept = drop_small_components(graph, 10.0, protected=np.array([[55.0, 50.0]]))
+    assert sorted(p[0].tolist() for p in kept.paths()) == [[0.0, 0.0], [50.0, 50.0]]
 
 
 def test_simplify_drops_staircase_vertices_zero_length_and_duplicate_edges():

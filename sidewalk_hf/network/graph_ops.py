@@ -11,6 +11,8 @@ All three take a ``LineGraph`` in a metric frame (``geo.units.metric_frame``) an
   another connected component (no path at all), or a gap in a loop (a sidewalk cut by a tree's shadow
   around a block is still connected the long way round). Candidates are taken shortest first against the
   network as joined so far, so a gap is bridged once. A join onto an edge's interior splits that edge.
+- ``drop_small_components``: connected pieces shorter in all than a length, none of whose ends is
+  protected, are noise (a speckle that survived cleaning), not sidewalks.
 - ``simplify``: Douglas-Peucker per edge (shapely, topology preserving; ends kept), then zero-length and
   duplicate edges are dropped.
 """
@@ -242,6 +244,24 @@ def join_gaps(
             LineGraph.from_paths(join_paths, np.ones(len(join_paths), bool), join_tiles),
         ]
     )
+
+
+def drop_small_components(
+    graph: LineGraph, min_length: float, protected: np.ndarray | None = None
+) -> LineGraph:
+    """Remove connected components shorter than ``min_length`` in total, unless one of their ends is
+    protected (the piece continues beyond the tile)."""
+    if min_length <= 0 or not graph.num_edges:
+        return graph
+    components = graph.components()
+    total = np.bincount(components, weights=graph.lengths())
+    keep_component = total >= min_length
+    if protected is not None and len(protected):
+        node_xy, u, v, _ = graph.nodes()
+        is_protected = np.isin(as_keys(node_xy), as_keys(np.asarray(protected).reshape(-1, 2)))
+        touching = is_protected[u] | is_protected[v]
+        keep_component[np.unique(components[touching])] = True
+    return graph.subset(keep_component[components])
 
 
 def simplify(graph: LineGraph, tolerance: float) -> LineGraph:

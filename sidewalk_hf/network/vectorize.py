@@ -20,7 +20,8 @@ Entry points (the end of ``scripts/predict.py`` calls the first per written mask
 
 Pipeline per tile: blocks (core + halo) -> clean (areas in m2 -> px) -> skeleton -> skeleton graph ->
 clip to the core -> merge by exact coordinates -> metric frame (the CRS unit, or local UTM) -> prune spurs
--> join gaps -> simplify -> GeoJSON in WGS84 (+ GeoPackage in the source CRS with ``crs_source``).
+-> join gaps -> drop small components -> simplify -> GeoJSON in WGS84 (+ GeoPackage in the source CRS
+with ``crs_source``).
 Ends where a line leaves the tile (at a tile border, or within ``EDGE_MARGIN_M`` of the run's outer edge)
 are never pruned or joined from: the line continues beyond them.
 """
@@ -41,7 +42,7 @@ from ..geo.units import metric_frame
 from .blocks import block_grid, clip_to_core, is_cut_point, merge_pieces
 from .cleaning import area_m2_to_px, clean_mask
 from .export import valid_geometries, write_geojson, write_geopackage
-from .graph_ops import join_gaps, prune_spurs, simplify, to_shapely
+from .graph_ops import drop_small_components, join_gaps, prune_spurs, simplify, to_shapely
 from .line_graph import LineGraph, dissolve_degree_two
 from .skeleton_graph import skeleton_graph, skeleton_of
 
@@ -64,6 +65,7 @@ DEFAULTS = {
     "GAP_LENGTH_M": 6.0,
     "JOIN_MAX_ANGLE_DEG": 45.0,
     "JOIN_DETOUR_FACTOR": 4.0,
+    "MIN_COMPONENT_LENGTH_M": 10.0,
     "SIMPLIFY_TOLERANCE_M": 0.25,
     "BLOCK_SIZE_M": 512.0,
     "HALO_M": 32.0,
@@ -323,8 +325,8 @@ def drop_edge_slivers(graph: LineGraph, mosaic: Mosaic, sliver_px: float) -> Lin
 
 
 def finish_network(raw: LineGraph, frame: _Frame, options: dict, pixel_size_m: float) -> LineGraph:
-    """Raw merged graph (pixels) -> metric frame -> without edge slivers, pruned, joined, simplified
-    (and pruned again: simplified lines are a little shorter)."""
+    """Raw merged graph (pixels) -> metric frame -> without edge slivers, pruned, joined, without small
+    components, simplified (and pruned again: simplified lines are a little shorter)."""
     raw = drop_edge_slivers(raw, frame.mosaic, EDGE_SLIVER_M / pixel_size_m)
     protected = _protected_ends(raw, frame.mosaic, EDGE_MARGIN_M / pixel_size_m)
     graph = raw.map_coords(frame.pixel_to_metric)
@@ -338,6 +340,7 @@ def finish_network(raw: LineGraph, frame: _Frame, options: dict, pixel_size_m: f
         options["JOIN_DETOUR_FACTOR"],
         protected=protected,
     )
+    graph = drop_small_components(graph, options["MIN_COMPONENT_LENGTH_M"], protected)
     graph = simplify(graph, options["SIMPLIFY_TOLERANCE_M"])
     # simplifying shortens lines a little: a spur just over the length before may be just under it now
     return simplify(prune_spurs(graph, options["SPUR_LENGTH_M"], protected), 0.0)

@@ -201,6 +201,8 @@ class VectorConfig:
     # ... and only where the network's own path between the two is longer than this many times the gap
     # (another component: no path at all).
     JOIN_DETOUR_FACTOR: float = 4.0
+    # After joining, a connected piece shorter than this in all (and not leaving the tile) is dropped.
+    MIN_COMPONENT_LENGTH_M: float = 10.0
     SIMPLIFY_TOLERANCE_M: float = 0.25
     # Blocks of this side (clamped to 256-4096 px) read with a halo wider than any sidewalk.
     BLOCK_SIZE_M: float = 512.0
@@ -320,7 +322,9 @@ def _merge(base: DictConfig, override: Any, source: str) -> DictConfig:
         key = error.full_key or str(error.key)
         raise ConfigError(f"{source}: unknown key {key!r}{_closest_key(key)}") from None
     except ValidationError as error:
-        raise ConfigError(f"{source}: bad value for {error.full_key!r}: {str(error.msg).splitlines()[0]}") from None
+        raise ConfigError(
+            f"{source}: bad value for {error.full_key!r}: {str(error.msg).splitlines()[0]}"
+        ) from None
     except OmegaConfBaseException as error:
         raise ConfigError(f"{source}: {error}") from None
 
@@ -366,8 +370,19 @@ def _parse_opts(opts: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if not isinstance(value, str) and value is not None and _is_string_key(key):
+            value = raw  # `--opts SOLVER.MIXED_PRECISION no`: YAML would read the word as False
         pairs.append((key, value))
     return pairs
+
+
+def _is_string_key(key: str) -> bool:
+    node: Any = OmegaConf.structured(TrainingConfig)
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    return node._metadata.ref_type is str
 
 
 def _check_choices(cfg: DictConfig) -> None:
