@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e ".[dev,geo,space,ray]"
+	$(PY) -m pip install --quiet -e ".[dev,geo,space,ray,tracking]"
 	touch $@
 
 demo: venv

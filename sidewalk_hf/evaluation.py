@@ -1,4 +1,5 @@
-"""Running a model over an evaluation stream: the metrics of SPEC section 6 and a few overlay pictures.
+"""Running a model over an evaluation stream: its metrics (mean IoU, per-class IoU, pixel accuracy) and a
+few overlay pictures.
 
 Each process evaluates its own share of the split (every sample exactly once across processes) and
 accumulates a confusion matrix; the matrices are summed across processes once, at the end. There is no
@@ -8,6 +9,7 @@ per-batch collective, so processes may run different numbers of batches.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +18,11 @@ from accelerate import Accelerator
 from PIL import Image
 
 from .data.streaming import batch_to_model_inputs
-from .metrics import SegmentationMetricAccumulator
+from .metrics import SegmentationMetricAccumulator, reported_metric_keys
 from .pictures import overlay_panel, save_overlay_grid
+from .training.logs import progress_bar_wanted
 
-REPORTED_METRICS = ("mean_iou", "background_iou", "sidewalk_iou", "pixel_accuracy")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,7 +46,9 @@ def evaluate_model(
     """Collective: every process calls it with its own share of the split. ``model`` is unwrapped."""
     config = model.config
     accumulator = SegmentationMetricAccumulator(
-        num_labels=config.num_labels, ignore_index=config.ignore_index, id2label=config.id2label,
+        num_labels=config.num_labels,
+        ignore_index=config.ignore_index,
+        id2label=config.id2label,
         device=accelerator.device,
     )
     was_training = model.training
@@ -51,7 +56,7 @@ def evaluate_model(
     result = EvaluationResult(metrics={})
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     batches = loader
-    if progress and accelerator.is_local_main_process:
+    if progress and accelerator.is_local_main_process and progress_bar_wanted():
         from tqdm.auto import tqdm
 
         batches = tqdm(loader, desc="evaluating", unit="batch", leave=False)
@@ -67,10 +72,14 @@ def evaluate_model(
             for i in range(min(num_pictures - len(result.pictures), labels.shape[0])):
                 image = batch["pixel_values"][i, :3].expand(3, -1, -1).permute(1, 2, 0).numpy()  # uint8 HWC
                 result.pictures.append(
-                    overlay_panel(image, labels[i].cpu().numpy(), predictions[i].cpu().numpy(), config.ignore_index)
+                    overlay_panel(
+                        image, labels[i].cpu().numpy(), predictions[i].cpu().numpy(), config.ignore_index
+                    )
                 )
     result.metrics = accumulator.compute(accelerator)
-    result.num_samples = int(accelerator.reduce(torch.tensor(result.num_samples, device=accelerator.device), "sum"))
+    result.num_samples = int(
+        accelerator.reduce(torch.tensor(result.num_samples, device=accelerator.device), "sum")
+    )
     model.train(was_training)
     return result
 
@@ -85,7 +94,7 @@ def resolve_model_path(model: str | Path) -> str:
 
 
 def metrics_table(metrics: dict, id2label: dict[int, str]) -> str:
-    rows = [(key, metrics[key]) for key in REPORTED_METRICS]
+    rows = [(key, metrics[key]) for key in reported_metric_keys(id2label)]
     rows += [(f"accuracy ({id2label[i]})", value) for i, value in enumerate(metrics["per_category_accuracy"])]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value:.4f}" for name, value in rows)
@@ -109,7 +118,7 @@ def evaluate_pretrained(
     """
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    from .data.streaming import SegmentationStream
+    from .training.builders import evaluation_stream, make_loader
 
     accelerator = Accelerator()
     model_path = resolve_model_path(model)
@@ -117,29 +126,42 @@ def evaluate_pretrained(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     network = network.to(accelerator.device, memory_format=memory_format).eval()
     processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=True)
-    stream = SegmentationStream(
-        dataset, split, per_process_batch_size=batch_size, training=False,
-        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-        image_mean=processor.image_mean, image_std=processor.image_std, rescale_factor=processor.rescale_factor,
-    )  # fmt: skip
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0)
-    )
+    stream = evaluation_stream(dataset, split, processor, accelerator, batch_size=batch_size)
+    loader = make_loader(stream, num_workers, seed=0)
     result = evaluate_model(
         network, loader, accelerator, num_pictures=num_pictures, channels_last=channels_last, progress=True
     )
     if accelerator.is_main_process:
-        out = Path(output_dir) if output_dir else (Path(model_path) if Path(model_path).is_dir() else Path("eval"))
+        out = (
+            Path(output_dir)
+            if output_dir
+            else (Path(model_path) if Path(model_path).is_dir() else Path("eval"))
+        )
         out.mkdir(parents=True, exist_ok=True)
-        record = {"model": model_path, "dataset": dataset, "split": split, "num_samples": result.num_samples,
-                  "bad_samples": len(result.bad_samples), **result.metrics}  # fmt: skip
+        record = {
+            "model": model_path,
+            "dataset": dataset,
+            "split": split,
+            "num_samples": result.num_samples,
+            "bad_samples": len(result.bad_samples),
+            **result.metrics,
+        }
         (out / f"eval_{split}.json").write_text(json.dumps(record, indent=2) + "\n")
         if result.pictures:
-            save_overlay_grid(result.pictures, out / f"eval_{split}_overlays.png",
-                              title=f"{split}: image | truth | prediction")  # fmt: skip
-        print(f"{model_path} on {dataset} [{split}], {result.num_samples} chips:")
-        print(metrics_table(result.metrics, network.config.id2label))
-        print(f"confusion matrix (rows: truth, columns: prediction): {result.metrics['confusion_matrix']}")
-        print(f"written: {out / f'eval_{split}.json'}")
+            save_overlay_grid(
+                result.pictures,
+                out / f"eval_{split}_overlays.png",
+                title=f"{split}: image | truth | prediction",
+            )
+        logger.info(
+            "%s on %s [%s], %d chips:\n%s\nconfusion matrix (rows: truth, columns: prediction): %s\nwritten: %s",
+            model_path,
+            dataset,
+            split,
+            result.num_samples,
+            metrics_table(result.metrics, network.config.id2label),
+            result.metrics["confusion_matrix"],
+            out / f"eval_{split}.json",
+        )
     accelerator.end_training()
     return result.metrics

@@ -1,6 +1,6 @@
 """Model cards and publishing: a run folder's `save_pretrained` model becomes a Hub repository with its metrics.
 
-A run folder (SPEC section 7) holds the resolved `config.yaml`, `metrics.jsonl`, validation pictures and the
+A run folder (its layout is in the README) holds the resolved `config.yaml`, `metrics.jsonl`, validation pictures and the
 `final/` and `best/` model folders. `write_model_card` fills one model folder with `eval_results.json`, a
 `README.md` rendered from the top-level `model_card.md` template (metadata with a `model-index`, so the Hub shows
 the metrics), a picture of predictions and the training curves. `publish_run` pushes that folder, exactly as it
@@ -24,6 +24,9 @@ from typing import Any
 import yaml
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import filter_repo_objects
+
+from .metrics import reported_metric_keys
+from .pictures import plot_training_curves
 
 logger = logging.getLogger(__name__)
 
@@ -53,93 +56,6 @@ _IGNORED_UPLOADS = [
     "**/.DS_Store",
     "*.tmp",
 ]
-
-
-def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Draw the training loss (learning rate on a second axis) and the validation IoUs against iteration.
-
-    Reads the `metrics.jsonl` of a run folder; lines that are not JSON objects (a line cut short by a killed
-    process) are skipped with a warning rather than failing the end of a run. Uses matplotlib's Agg canvas
-    directly, so no GUI backend and no global pyplot state are involved.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    training, evaluations = read_metrics_log(metrics_jsonl)
-    figure = Figure(figsize=(11, 4), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    loss_axes, iou_axes = figure.subplots(1, 2)
-
-    points = [(row["iter"], row["loss"]) for row in training if _is_number(row.get("loss"))]
-    if points:
-        loss_axes.plot(*zip(*points), color="tab:blue", linewidth=1.2, label="training loss")
-        losses = [loss for _, loss in points]
-        if min(losses) > 0 and max(losses) > 10 * min(losses):
-            loss_axes.set_yscale("log")
-        rates = [(row["iter"], row["lr"]) for row in training if _is_number(row.get("lr"))]
-        if rates:
-            rate_axes = loss_axes.twinx()
-            rate_axes.plot(
-                *zip(*rates), color="tab:gray", linewidth=1.0, linestyle="--", label="learning rate"
-            )
-            rate_axes.set_ylabel("learning rate")
-            rate_axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-            handles = loss_axes.get_legend_handles_labels()[0] + rate_axes.get_legend_handles_labels()[0]
-            loss_axes.legend(handles=handles, loc="upper right", fontsize="small")
-    else:
-        _no_data(loss_axes)
-    loss_axes.set_title("Training loss")
-    loss_axes.set_xlabel("iteration")
-    loss_axes.set_ylabel("loss")
-
-    by_split: dict[str, list[dict]] = {}
-    for row in evaluations:
-        by_split.setdefault(row["split"], []).append(row)
-    plotted = False
-    for split, rows in sorted(by_split.items()):
-        for key, style in (("mean_iou", "-"), ("sidewalk_iou", ":")):
-            points = [(row["iter"], row[key]) for row in rows if _is_number(row.get(key))]
-            if points:
-                iou_axes.plot(
-                    *zip(*points), linestyle=style, marker="o", markersize=3, label=f"{split} {key}"
-                )
-                plotted = True
-    if plotted:
-        iou_axes.legend(loc="best", fontsize="small")
-        iou_axes.set_ylim(0.0, 1.0)
-        iou_axes.grid(alpha=0.3)
-    else:
-        _no_data(iou_axes)
-    iou_axes.set_title("Evaluation")
-    iou_axes.set_xlabel("iteration")
-    iou_axes.set_ylabel("IoU")
-
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png)
-    return out_png
-
-
-def read_metrics_log(metrics_jsonl: str | Path) -> tuple[list[dict], list[dict]]:
-    """The training lines (`{"iter", "loss", ...}`) and the evaluation lines (`{"iter", "split", ...}`)."""
-    training, evaluations = [], []
-    path = Path(metrics_jsonl)
-    if not path.is_file():
-        logger.warning("no metrics log at %s", path)
-        return training, evaluations
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            logger.warning("%s:%d is not JSON; skipped", path, number)
-            continue
-        if not isinstance(row, dict) or not _is_number(row.get("iter")):
-            logger.warning("%s:%d has no iteration number; skipped", path, number)
-            continue
-        (evaluations if "split" in row else training).append(row)
-    return training, evaluations
 
 
 def write_model_card(
@@ -199,7 +115,7 @@ def write_model_card(
         repo_id.split("/")[-1] if repo_id else str(_config_value(run_config, "OUTPUT.NAME", model_dir.name))
     )
 
-    plot_training_curves(run_dir / "metrics.jsonl", model_dir / CURVES_PICTURE)
+    plot_training_curves(run_dir / "metrics.jsonl", model_dir / CURVES_PICTURE, id2label=id2label)
     predictions_picture = _copy_validation_picture(
         run_dir / "pictures", model_dir / PREDICTIONS_PICTURE, iteration
     )
@@ -229,7 +145,7 @@ def write_model_card(
         metrics_table=_metrics_table(eval_results, class_names),
         predictions_picture=predictions_picture,
         curves_picture=CURVES_PICTURE,
-        recipe_table=_markdown_table(["", ""], _recipe_rows(run_config)),
+        recipe_table=_markdown_table(["", ""], _recipe_rows(_with_launcher_settings(run_config, run_dir))),
         provenance="\n".join(f"- **{name}:** {value}" for name, value in _provenance_rows(run_dir)),
         config_yaml=config_path.read_text().strip() if config_path.is_file() else "",
         space_id=space_id,
@@ -337,10 +253,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _no_data(axes) -> None:
-    axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes, color="gray")
-
-
 def _is_local_dataset(source: str, run_config: Mapping, run_dir: Path) -> bool:
     """Whether DATASET.SOURCE named a local folder rather than a Hub dataset id.
 
@@ -423,8 +335,9 @@ def _card_eval_results(
     eval_results: Mapping[str, Mapping], class_names: list[str], dataset_id: str, dataset_name: str
 ) -> list[EvalResult]:
     metric_specs = dict(CARD_METRICS)
-    for name in class_names:
-        metric_specs[f"{name}_iou"] = ("iou", f"{name.capitalize()} IoU", name)
+    for key in reported_metric_keys(dict(enumerate(class_names))):
+        name = key.removesuffix("_iou")
+        metric_specs.setdefault(key, ("iou", f"{name.capitalize()} IoU", name))
     results = []
     for split, metrics in eval_results.items():
         for key, (metric_type, metric_name, metric_config) in metric_specs.items():
@@ -489,6 +402,18 @@ def _recipe_rows(config: Mapping) -> list[tuple[str, str]]:
     return rows
 
 
+def _with_launcher_settings(config: Mapping, run_dir: Path) -> dict:
+    """The run config with the mixed precision the launcher chose (recorded in env.json) where the config
+    left it to the launcher."""
+    environment_path = run_dir / "env.json"
+    if _config_value(config, "SOLVER.MIXED_PRECISION") is not None or not environment_path.is_file():
+        return dict(config)
+    resolved = _read_json(environment_path).get("mixed_precision")
+    if resolved is None:
+        return dict(config)
+    return {**config, "SOLVER": {**(config.get("SOLVER") or {}), "MIXED_PRECISION": resolved}}
+
+
 def _provenance_rows(run_dir: Path) -> list[tuple[str, str]]:
     rows = []
     environment_path = run_dir / "env.json"
@@ -503,6 +428,8 @@ def _provenance_rows(run_dir: Path) -> list[tuple[str, str]]:
                     + (" (with local changes)" if git.get("dirty") else ""),
                 )
             )
+        elif git.get("version"):
+            rows.append(("Code", f"`sidewalk_hf` {git['version']} (installed package)"))
         if environment.get("num_processes"):
             rows.append(("Processes", str(environment["num_processes"])))
         packages = environment.get("packages") or {}

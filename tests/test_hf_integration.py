@@ -243,8 +243,12 @@ def model_with_trained_norms(saved_dir):
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
-                for tensor, low, high in ((module.running_mean, -0.5, 0.5), (module.running_var, 0.3, 3.0),
-                                          (module.weight, 0.5, 1.5), (module.bias, -0.5, 0.5)):  # fmt: skip
+                for tensor, low, high in (
+                    (module.running_mean, -0.5, 0.5),
+                    (module.running_var, 0.3, 3.0),
+                    (module.weight, 0.5, 1.5),
+                    (module.bias, -0.5, 0.5),
+                ):
                     tensor.copy_(torch.empty(tensor.shape).uniform_(low, high, generator=generator))
     return model.eval()
 
@@ -271,7 +275,9 @@ def test_optimize_for_inference_folds_every_batch_norm_and_keeps_the_predictions
     masks = {result["label"]: np.asarray(result["mask"]) == 255 for result in segmenter(chip)}
     assert masks
     for label, mask in masks.items():
-        np.testing.assert_array_equal(mask, reference[0].argmax(0).numpy() == optimized.config.label2id[label])
+        np.testing.assert_array_equal(
+            mask, reference[0].argmax(0).numpy() == optimized.config.label2id[label]
+        )
 
 
 def test_a_model_optimized_for_inference_refuses_to_train_or_save(model_with_trained_norms, tmp_path):

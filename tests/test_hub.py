@@ -32,14 +32,29 @@ from sidewalk_hf import (
 from sidewalk_hf.hub import plot_training_curves, publish_run, write_model_card
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"backbone": "test_resnet", "res5_multi_grid": [1], "aspp_channels": 16, "decoder_channels": 16,
-        "project_channels": 8}  # fmt: skip
+TINY = {
+    "backbone": "test_resnet",
+    "res5_multi_grid": [1],
+    "aspp_channels": 16,
+    "decoder_channels": 16,
+    "project_channels": 8,
+}
 RESULTS = {
-    "validation": {"mean_iou": 0.7784, "background_iou": 0.962, "sidewalk_iou": 0.5949, "pixel_accuracy": 0.964,
-                   "per_category_accuracy": [0.97, 0.71]},
-    "test": {"mean_iou": 0.7732, "background_iou": 0.9619, "sidewalk_iou": 0.5845, "pixel_accuracy": 0.9638,
-             "per_category_accuracy": [0.969, 0.70]},
-}  # fmt: skip
+    "validation": {
+        "mean_iou": 0.7784,
+        "background_iou": 0.962,
+        "sidewalk_iou": 0.5949,
+        "pixel_accuracy": 0.964,
+        "per_category_accuracy": [0.97, 0.71],
+    },
+    "test": {
+        "mean_iou": 0.7732,
+        "background_iou": 0.9619,
+        "sidewalk_iou": 0.5845,
+        "pixel_accuracy": 0.9638,
+        "per_category_accuracy": [0.969, 0.70],
+    },
+}
 RUN_CONFIG = """\
 MODEL:
   BACKBONE: test_resnet
@@ -79,7 +94,7 @@ CARD_FILES = ["README.md", "eval_results.json", "training_curves.png", "validati
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A run folder laid out as SPEC section 7, with a tiny model in final/ and best/ and no card yet."""
+    """A run folder laid out as training writes it (see the README), with a tiny model in final/ and best/ and no card yet."""
     run_dir = tmp_path_factory.mktemp("runs") / "20260101-000000-tiny"
     torch.manual_seed(0)
     config = SidewalkDeepLabConfig(**TINY)
@@ -91,10 +106,16 @@ def trained_run(tmp_path_factory):
     (run_dir / "command.txt").write_text("accelerate launch scripts/train.py --config base.yaml\n")
     lines = [{"iter": i, "loss": 2.0 / i, "lr": 1e-3 * i / 40, "images_per_s": 50.0} for i in range(2, 41, 2)]
     lines += [
-        {"iter": i, "split": "validation", "mean_iou": 0.5 + i / 200, "background_iou": 0.9, "sidewalk_iou": i / 80,
-         "pixel_accuracy": 0.95}
+        {
+            "iter": i,
+            "split": "validation",
+            "mean_iou": 0.5 + i / 200,
+            "background_iou": 0.9,
+            "sidewalk_iou": i / 80,
+            "pixel_accuracy": 0.95,
+        }
         for i in (20, 40)
-    ]  # fmt: skip
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (run_dir / "pictures").mkdir()
     for iteration, shade in ((20, 60), (40, 200)):

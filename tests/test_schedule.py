@@ -1,4 +1,5 @@
-"""The warmup + cosine-to-final learning-rate schedule of SPEC section 4, against its closed form."""
+"""The warmup + cosine-to-final learning-rate schedule of the reference recipe (docs/architecture.md), against
+its closed form."""
 
 import math
 
@@ -23,8 +24,14 @@ def closed_form(i: int) -> float:
 def lr_at(iterations):
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=BASE_LR)
-    scheduler = build_lr_scheduler(optimizer, base_lr=BASE_LR, final_lr=FINAL_LR, max_iter=MAX_ITER,
-                                   warmup_iters=WARMUP, warmup_factor=FACTOR)
+    scheduler = build_lr_scheduler(
+        optimizer,
+        base_lr=BASE_LR,
+        final_lr=FINAL_LR,
+        max_iter=MAX_ITER,
+        warmup_iters=WARMUP,
+        warmup_factor=FACTOR,
+    )
     wanted, found, i = sorted(iterations), {}, 0
     for target in wanted:
         while i < target:
@@ -54,4 +61,6 @@ def test_warmup_is_linear_and_continuous_with_the_cosine():
 def test_final_lr_above_base_lr_is_rejected():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     with pytest.raises(ValueError, match="FINAL_LR"):
-        build_lr_scheduler(optimizer, base_lr=1e-3, final_lr=1e-2, max_iter=10, warmup_iters=1, warmup_factor=0.1)
+        build_lr_scheduler(
+            optimizer, base_lr=1e-3, final_lr=1e-2, max_iter=10, warmup_iters=1, warmup_factor=0.1
+        )

@@ -67,8 +67,23 @@ def test_odd_number_of_opts_is_an_error():
 
 
 def test_dedicated_flags_become_overrides():
-    args = parse_args(["--config", "base.yaml", "--batch_size", "8", "--buffer_batches", "4",
-                       "--num_workers", "0", "--weights_path", "w.pkl", "--opts", "SOLVER.BASE_LR", "0.002"])
+    args = parse_args(
+        [
+            "--config",
+            "base.yaml",
+            "--batch_size",
+            "8",
+            "--buffer_batches",
+            "4",
+            "--num_workers",
+            "0",
+            "--weights_path",
+            "w.pkl",
+            "--opts",
+            "SOLVER.BASE_LR",
+            "0.002",
+        ]
+    )
     cfg = load_config(args.config, args.cli_overrides + args.opts)
     assert cfg.DATALOADER.BATCH_SIZE == 8
     assert cfg.DATALOADER.BUFFER_BATCHES == 4

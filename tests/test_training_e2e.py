@@ -48,23 +48,49 @@ def launch_command(num_processes: int, *script_args: str) -> list[str]:
     if num_processes == 1:
         flags = ["--num_processes", "1", "--num_machines", "1"]
     else:
-        flags = ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-                 "--main_process_port", str(29500 + os.getpid() % 1000)]  # fmt: skip
-    return [*accelerate, *flags, "--mixed_precision", "no", "--dynamo_backend", "no",
-            str(REPO / "scripts" / "train.py"), *script_args]  # fmt: skip
+        flags = [
+            "--multi_gpu",
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(29500 + os.getpid() % 1000),
+        ]
+    return [
+        *accelerate,
+        *flags,
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "scripts" / "train.py"),
+        *script_args,
+    ]
 
 
 def launch_env() -> dict:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")  # fmt: skip
+    env = dict(
+        os.environ,
+        ACCELERATE_USE_CPU="1",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
     return env
 
 
 def run_training(num_processes: int, *script_args: str, cwd: Path, timeout: int = 300):
     result = subprocess.run(
-        launch_command(num_processes, *script_args), cwd=cwd, env=launch_env(),
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        launch_command(num_processes, *script_args),
+        cwd=cwd,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     return result
 
 
@@ -81,15 +107,24 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def assert_same_weights(a: dict, b: dict):
     assert a.keys() == b.keys()
     for key, tensor in a.items():
-        assert torch.equal(tensor, b[key]), f"{key} differs by {(tensor.float() - b[key].float()).abs().max()}"
+        assert torch.equal(tensor, b[key]), (
+            f"{key} differs by {(tensor.float() - b[key].float()).abs().max()}"
+        )
 
 
-def start_and_kill_after_checkpoint(num_processes, config, cwd, sig, command=None) -> tuple[Path, subprocess.Popen]:
+def start_and_kill_after_checkpoint(
+    num_processes, config, cwd, sig, command=None
+) -> tuple[Path, subprocess.Popen]:
     """Start a run, wait for its first checkpoint, then send ``sig`` to the whole process group."""
     process = subprocess.Popen(
-        command or launch_command(num_processes, "--config", str(config)), cwd=cwd, env=launch_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        command or launch_command(num_processes, "--config", str(config)),
+        cwd=cwd,
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     checkpoint = None
     while time.time() < deadline and process.poll() is None:
@@ -119,7 +154,10 @@ def test_run_folder_is_complete(uninterrupted_run):
     for name in ("config.yaml", "command.txt", "env.json", "metrics.jsonl", "bad_samples.json"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["iter_0000004", "iter_0000008", "iter_0000012"][-2:]
+    assert (
+        sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        == ["iter_0000004", "iter_0000008", "iter_0000012"][-2:]
+    )
     assert list((run_dir / "pictures").glob("validation_iter_*.png"))
     assert (run_dir / "pictures" / "training_curves.png").is_file()
     env = json.loads((run_dir / "env.json").read_text())
@@ -127,7 +165,13 @@ def test_run_folder_is_complete(uninterrupted_run):
     assert "commit" in env["git"] and "dirty" in env["git"]
     for which in ("best", "final"):
         folder = run_dir / which
-        for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "eval_results.json"):
+        for name in (
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+            "README.md",
+            "eval_results.json",
+        ):
             assert (folder / name).is_file(), f"{which}/{name}"
         results = json.loads((folder / "eval_results.json").read_text())
         assert 0.0 <= results["validation"]["sidewalk_iou"] <= 1.0
@@ -143,7 +187,14 @@ def test_metrics_log_has_the_documented_keys(uninterrupted_run):
     assert [line["iter"] for line in training] == list(range(2, MAX_ITER + 1, 2))
     assert set(training[0]) == {"iter", "loss", "lr", "images_per_s"}
     assert [line["iter"] for line in evaluation] == [6, 12]
-    assert set(evaluation[0]) == {"iter", "split", "mean_iou", "background_iou", "sidewalk_iou", "pixel_accuracy"}
+    assert set(evaluation[0]) == {
+        "iter",
+        "split",
+        "mean_iou",
+        "background_iou",
+        "sidewalk_iou",
+        "pixel_accuracy",
+    }
 
 
 def test_final_model_loads_with_from_pretrained_and_predicts(uninterrupted_run):
@@ -166,8 +217,11 @@ def test_sigkill_then_resume_ends_with_identical_weights(uninterrupted_run, tmp_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "resuming" in result.stdout
     assert_same_weights(final_weights(reference_dir), final_weights(run_dir))
-    logged = [json.loads(line)["iter"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if "loss" in line]  # fmt: skip
+    logged = [
+        json.loads(line)["iter"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in line
+    ]
     assert logged == list(range(2, MAX_ITER + 1, 2)), "each iteration is logged once across the resume"
 
 
@@ -188,9 +242,20 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, synthetic_dataset_dir):
 def test_non_finite_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(tmp_path, synthetic_dataset_dir):
     config = tiny_config(tmp_path, synthetic_dataset_dir, "diverging")
     result = run_training(
-        1, "--config", str(config), "--opts", "SOLVER.BASE_LR", "1e30", "SOLVER.FINAL_LR", "1e30",
-        "SOLVER.CLIP_GRAD_NORM", "0.0", "CHECKPOINT.PERIOD", "1", cwd=tmp_path,
-    )  # fmt: skip
+        1,
+        "--config",
+        str(config),
+        "--opts",
+        "SOLVER.BASE_LR",
+        "1e30",
+        "SOLVER.FINAL_LR",
+        "1e30",
+        "SOLVER.CLIP_GRAD_NORM",
+        "0.0",
+        "CHECKPOINT.PERIOD",
+        "1",
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert "non-finite loss" in result.stderr
     iteration = int(result.stderr.split("non-finite loss or gradient at iteration ")[1].split()[0])
@@ -203,7 +268,9 @@ def test_non_finite_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(tmp
 
 def test_missing_weights_path_fails_before_training(tmp_path, synthetic_dataset_dir):
     config = tiny_config(tmp_path, synthetic_dataset_dir, "noweights")
-    result = run_training(1, "--config", str(config), "--weights_path", str(tmp_path / "absent.pkl"), cwd=tmp_path)
+    result = run_training(
+        1, "--config", str(config), "--weights_path", str(tmp_path / "absent.pkl"), cwd=tmp_path
+    )
     assert result.returncode != 0
     assert "absent.pkl" in result.stderr
     assert not (tmp_path / "runs").exists()
@@ -216,7 +283,9 @@ def test_indivisible_global_batch_is_an_error(tmp_path, synthetic_dataset_dir):
     assert "BATCH_SIZE=5" in result.stderr
 
 
-def test_two_process_run_resumes_exactly_and_matches_single_process_evaluation(tmp_path, synthetic_dataset_dir):
+def test_two_process_run_resumes_exactly_and_matches_single_process_evaluation(
+    tmp_path, synthetic_dataset_dir
+):
     (tmp_path / "a").mkdir()
     config = tiny_config(tmp_path / "a", synthetic_dataset_dir, "ddp")
     reference = run_training(2, "--config", str(config), cwd=tmp_path / "a")
@@ -235,10 +304,24 @@ def test_two_process_run_resumes_exactly_and_matches_single_process_evaluation(t
 
     # The 2-process validation of final/ equals a 1-process evaluation of the same weights.
     evaluated = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model", str(reference_dir / "final"),
-         "--dataset", str(synthetic_dataset_dir), "--split", "validation", "--output", str(tmp_path / "eval")],
-        env=launch_env(), capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "evaluate.py"),
+            "--model",
+            str(reference_dir / "final"),
+            "--dataset",
+            str(synthetic_dataset_dir),
+            "--split",
+            "validation",
+            "--output",
+            str(tmp_path / "eval"),
+        ],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     single = json.loads((tmp_path / "eval" / "eval_validation.json").read_text())
     two_process = json.loads((reference_dir / "final" / "eval_results.json").read_text())["validation"]

@@ -1,4 +1,4 @@
-"""Segmentation metrics of SPEC section 6: the shipped `sidewalk_iou` evaluate module and a loop-side wrapper.
+"""Segmentation metrics (mean IoU, per-class IoU, pixel accuracy; see docs/architecture.md): the shipped `sidewalk_iou` evaluate module and a loop-side wrapper.
 
 `SegmentationMetricAccumulator` is what training and evaluation loops use: each process counts its own batches
 into a confusion matrix on its device, and `compute(accelerator)` sums the matrices across processes once, so
@@ -17,7 +17,24 @@ import torch
 
 from .sidewalk_iou.sidewalk_iou import SidewalkIoU
 
-__all__ = ["SegmentationMetricAccumulator", "SidewalkIoU", "load_sidewalk_iou", "sidewalk_iou_path"]
+__all__ = [
+    "SegmentationMetricAccumulator",
+    "SidewalkIoU",
+    "load_sidewalk_iou",
+    "reported_metric_keys",
+    "sidewalk_iou_path",
+]
+
+
+def reported_metric_keys(id2label: dict[int, str]) -> list[str]:
+    """The metrics a run reports, in order: ``mean_iou``, ``<label>_iou`` for each class of ``id2label``
+    (``background_iou``, ``sidewalk_iou`` with the default labels), ``pixel_accuracy``.
+
+    The one list behind the training log, validation, the final evaluation, ``scripts/evaluate.py``, the
+    model card and the training curves, so that renamed classes are reported under their names.
+    """
+    names = [str(id2label[index]) for index in sorted(id2label, key=int)]
+    return ["mean_iou", *(f"{name}_iou" for name in names), "pixel_accuracy"]
 
 
 def sidewalk_iou_path() -> str:

@@ -16,12 +16,20 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from .run_folder import write_json_atomic
+from .state import TrainState
+
 CHECKPOINT_PATTERN = re.compile(r"^iter_(\d{7,})$")
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
 def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def checkpoint_iteration(checkpoint_dir: Path) -> int:
+    """The iteration a checkpoint folder was written at, from its name."""
+    return int(CHECKPOINT_PATTERN.match(Path(checkpoint_dir).name).group(1))
 
 
 def _stream_state_file(process_index: int) -> str:
@@ -80,3 +88,26 @@ def load_checkpoint(accelerator: Accelerator, checkpoint_dir: Path) -> tuple[dic
     accelerator.load_state(str(checkpoint_dir))
     stream_state = json.loads((checkpoint_dir / _stream_state_file(accelerator.process_index)).read_text())
     return trainer_state, stream_state
+
+
+def save_training_state(accelerator: Accelerator, run_dir: Path, state: TrainState, keep_last: int) -> Path:
+    """Checkpoint ``state`` with the Accelerate state under ``run_dir/checkpoints`` and refresh the run
+    folder's ``bad_samples.json`` (collective)."""
+    checkpoint = save_checkpoint(
+        accelerator,
+        run_dir / "checkpoints",
+        state.iteration,
+        trainer_state=state.trainer_record(),
+        stream_state=state.stream_position(),
+        keep_last=keep_last,
+    )
+    if accelerator.is_main_process:
+        write_json_atomic(run_dir / "bad_samples.json", state.bad_samples_report())
+    return checkpoint
+
+
+def restore_training_state(accelerator: Accelerator, run_dir: Path) -> tuple[TrainState, Path]:
+    """The state of the newest complete checkpoint, with the Accelerate state loaded (collective)."""
+    latest = complete_checkpoints(run_dir / "checkpoints")[-1]
+    trainer_record, stream_position = load_checkpoint(accelerator, latest)
+    return TrainState.restore(trainer_record, stream_position), latest

@@ -1,4 +1,4 @@
-"""Command-line arguments of ``scripts/train.py`` (SPEC section 1)."""
+"""Command-line arguments of ``scripts/train.py``: --config or --resume, a few dedicated flags, --opts."""
 
 from __future__ import annotations
 
@@ -19,16 +19,21 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     start = parser.add_mutually_exclusive_group(required=True)
-    start.add_argument("--config", help="YAML config: a path, or a bare name looked up in configs/ (base.yaml)")
+    start.add_argument(
+        "--config", help="YAML config: a path, or a bare name looked up in configs/ (base.yaml)"
+    )
     start.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder from its newest checkpoint")
     parser.add_argument("--weights_path", help="initial weights: Detectron2 .pkl or a save_pretrained folder")
     parser.add_argument("--batch_size", type=int, help="GLOBAL batch size (all processes together)")
     parser.add_argument("--buffer_batches", type=int, help="shuffle buffer, in per-process batches")
     parser.add_argument("--num_workers", type=int, help="DataLoader workers per process")
     parser.add_argument(
-        "--opts", nargs="+", default=[], metavar="KEY VALUE",
+        "--opts",
+        nargs="+",
+        default=[],
+        metavar="KEY VALUE",
         help="override any config key: --opts SOLVER.BASE_LR 0.002 MODEL.LOSS.CLASS_WEIGHTS '[1.0, 5.0]'",
-    )  # fmt: skip
+    )
     return parser
 
 

@@ -1,7 +1,9 @@
 """The self-contained run folder: what was run, with what code and packages, and what it produced.
 
-Layout (see the README): config.yaml, command.txt, env.json, metrics.jsonl, bad_samples.json,
-tensorboard/, pictures/, checkpoints/, best/, final/. Only the main process writes here.
+Layout (see the README): config.yaml, command.txt, env.json, log.txt, metrics.jsonl, bad_samples.json,
+trackers.json, tensorboard/, pictures/, checkpoints/, best/, final/. The main process writes here, except each
+other process's log_process<N>.txt and checkpoint shard; so every node must see the folder (a shared file
+system), which ``share_run_dir`` checks when the run starts.
 """
 
 from __future__ import annotations
@@ -13,16 +15,32 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.utils import broadcast_object_list, gather_object
 
 PACKAGES = (
-    "sidewalk-hf", "torch", "torchvision", "timm", "transformers", "accelerate", "datasets", "evaluate",
-    "huggingface_hub", "safetensors", "numpy", "pillow", "omegaconf",
-)  # fmt: skip
+    "sidewalk-hf",
+    "torch",
+    "torchvision",
+    "timm",
+    "transformers",
+    "accelerate",
+    "datasets",
+    "evaluate",
+    "huggingface_hub",
+    "safetensors",
+    "numpy",
+    "pillow",
+    "omegaconf",
+)
+# Written by the main process into a new run folder, looked for by every other process.
+_SHARED_CHECK_FILE = ".shared-check"
 
 
 def new_run_dir(root: str | Path, name: str) -> Path:
@@ -36,16 +54,78 @@ def new_run_dir(root: str | Path, name: str) -> Path:
     return run_dir
 
 
+class RunFolderNotSharedError(RuntimeError):
+    """A process cannot see the run folder the main process created (it is not on a shared file system)."""
+
+
+def share_run_dir(run_dir: Path | None, root: str | Path, name: str, state: PartialState) -> Path:
+    """The run folder every process uses: ``run_dir`` when resuming (each process was given it), else a new
+    one named on the main process.
+
+    The main process creates it and writes a marker file; every process must then find that marker, or the
+    run stops at once naming the processes (and hosts) that cannot, rather than at the first checkpoint.
+    Collective.
+    """
+    new_name, token = None, None
+    if state.is_main_process:
+        if run_dir is None:
+            new_name = new_run_dir(root, name).absolute()
+        run_folder = Path(run_dir) if run_dir is not None else new_name
+        run_folder.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex
+        (run_folder / _SHARED_CHECK_FILE).write_text(token)
+    new_name, token = broadcast_object_list([new_name, token])
+    run_dir = Path(run_dir) if run_dir is not None else Path(new_name)
+    check_run_folder_is_shared(run_dir, token, state)
+    return run_dir
+
+
+def check_run_folder_is_shared(run_dir: Path, token: str, state: PartialState, wait_s: float = 5.0) -> None:
+    """Every process looks for the main process's marker in ``run_dir`` (waiting up to ``wait_s`` for a
+    network file system to show it); all of them raise ``RunFolderNotSharedError`` if any does not see it."""
+    marker = run_dir / _SHARED_CHECK_FILE
+    deadline = time.monotonic() + wait_s
+    while True:
+        seen = marker.is_file() and marker.read_text() == token
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    views = gather_object([(state.process_index, platform.node(), seen)])
+    state.wait_for_everyone()
+    if state.is_main_process:
+        marker.unlink(missing_ok=True)
+    blind = [f"process {index} on {host}" for index, host, saw in views if not saw]
+    if blind:
+        raise RunFolderNotSharedError(
+            f"the run folder {run_dir} is not visible to {', '.join(blind)}: every node must see it at the same "
+            "path (a shared file system such as NFS or Lustre; see docs/architecture.md, multi-node training). "
+            "Set OUTPUT.ROOT to a shared folder"
+        )
+
+
 def _git_state(repo_dir: Path) -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=repo_dir, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
 
+    # Only this project's own checkout counts: an installed package may sit inside someone else's repository.
+    if not (repo_dir / ".git").exists() or not (repo_dir / "sidewalk_hf").is_dir():
+        return {"commit": None, "dirty": None}
     try:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
+
+
+def code_record() -> dict[str, Any]:
+    """Which sidewalk_hf ran: the git commit of a source checkout, else the installed version."""
+    package_dir = Path(__file__).resolve().parents[1]
+    try:
+        version = metadata.version("sidewalk-hf")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {**_git_state(package_dir.parent), "version": version, "package_dir": str(package_dir)}
 
 
 def environment_record(*, seed: int, num_processes: int, mixed_precision: str, device: str) -> dict:
@@ -56,7 +136,7 @@ def environment_record(*, seed: int, num_processes: int, mixed_precision: str, d
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {
-        "git": _git_state(Path(__file__).resolve().parents[2]),
+        "git": code_record(),
         "packages": versions,
         "python": sys.version.split()[0],
         "platform": platform.platform(),

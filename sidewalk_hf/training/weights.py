@@ -34,9 +34,10 @@ def _load_pretrained_folder(model: torch.nn.Module, path: Path) -> str:
         raise ValueError(
             f"--weights_path {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return (
-        f"loaded {len(incoming)} tensors from {weights_file}"
-        + (f"; predictor left at its initialisation ({len(mismatched)} tensors of another shape)" if mismatched else "")
+    return f"loaded {len(incoming)} tensors from {weights_file}" + (
+        f"; predictor left at its initialisation ({len(mismatched)} tensors of another shape)"
+        if mismatched
+        else ""
     )
 
 
