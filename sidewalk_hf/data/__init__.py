@@ -1,5 +1,6 @@
 """Data: the synthetic aerial sidewalk dataset and the streamed input pipeline."""
 
+from .parquet_plan import ShardReadError
 from .streaming import (
     BAD_SAMPLE_REASONS,
     BadSample,
@@ -16,6 +17,7 @@ __all__ = [
     "BadSample",
     "BadSampleError",
     "SegmentationStream",
+    "ShardReadError",
     "batch_to_model_inputs",
     "generate_synthetic_dataset",
     "make_dataloader",
