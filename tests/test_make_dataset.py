@@ -243,17 +243,18 @@ def test_bad_rasters_are_reported_and_the_build_goes_on(utm_scene, tmp_path, cap
     far = write_scene(
         tmp_path, "far", height_px=128, width_px=128, seed=1, gsd_m=0.3, origin=(300_000.0, 5_000_000.0)
     )
+    four_bands = write_scene(tmp_path, "four", height_px=128, width_px=128, seed=1, gsd_m=0.3, num_bands=4)
     out = tmp_path / "dataset"
-    code = make_dataset_main(["--images", str(scene.image), str(broken), str(no_crs), str(far.image),
+    code = make_dataset_main(["--images", str(scene.image), str(broken), str(no_crs), str(far.image), str(four_bands.image),
                               "--labels", str(lines), "--out", str(out), "--chip-size", "128", "--overlap", "0",
                               "--split", "1,0,0", "--num-workers", "0"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 1
     report = json.loads((out / "build_report.json").read_text())
     bad = {Path(p).name: reason for p, reason in report["bad_rasters"].items()}
-    assert set(bad) == {"broken.tif", "no_crs.tif", "far.tif"}
+    assert set(bad) == {"broken.tif", "no_crs.tif", "far.tif", "four.tif"}
     assert "cannot be opened" in bad["broken.tif"] and "no CRS" in bad["no_crs.tif"]
-    assert "no overlap" in bad["far.tif"]
+    assert "no overlap" in bad["far.tif"] and "gives 4 bands" in bad["four.tif"]
     assert report["rasters_used"] == 1 and report["splits"]["train"]["chips"] > 0
     assert (
         "LEFT OUT" in captured.err

@@ -357,6 +357,12 @@ def build_dataset(options: BuildOptions, *, resume: bool = False, overwrite: boo
             if "error" in info:
                 bad[str(path)] = info["error"]
                 logger.warning("left out %s: %s", path, info["error"])
+            elif rasters and info["bands"] != next(iter(rasters.values()))["bands"]:
+                first = next(iter(rasters.values()))["bands"]
+                bad[str(path)] = (
+                    f"gives {info['bands']} bands, the dataset's first raster {first} (see --bands)"
+                )
+                logger.warning("left out %s: %s", path, bad[str(path)])
             else:
                 rasters[str(path)] = info
         if not rasters:
