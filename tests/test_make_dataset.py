@@ -358,3 +358,28 @@ def test_an_existing_folder_is_only_replaced_when_it_holds_a_dataset(utm_scene, 
     with pytest.raises(BuildError, match="not removing it"):
         build_dataset(BuildOptions(**settings), overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and (out / "README.md").is_file()
+
+
+def test_a_dataset_build_config_section_with_opts_drives_the_cli(utm_scene, tmp_path):
+    scene, lines, region = utm_scene
+    out = tmp_path / "dataset"
+    config = tmp_path / "build.yaml"
+    config.write_text(
+        "DATASET_BUILD:\n"
+        f"  IMAGES: [{scene.image}]\n"
+        f"  LABELS: [{lines}]\n"
+        f"  LABEL_REGION: {region}\n"
+        "  LABELS_WHERE: \"footway = 'sidewalk'\"\n"
+        "  CHIP_SIZE_PX: 128\n"
+        "  SPLIT: [1.0, 0.0, 0.0]\n"
+        "  NUM_WORKERS: 0\n"
+        "  LICENSE: odbl\n"
+    )
+    code = make_dataset_main(
+        ["--config", str(config), "--out", str(out), "--opts", "DATASET_BUILD.OVERLAP_PX", "0"]
+    )
+    assert code == 0
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["options"]["chip_px"] == 128 and report["options"]["overlap_px"] == 0
+    assert report["options"]["labels_where"] == "footway = 'sidewalk'" and report["label_license"] == "odbl"
+    assert {tuple(row["window"][2:]) for row in read_rows(out)} == {(128, 128)}
