@@ -75,7 +75,8 @@ def render_card(report: dict) -> str:
     bad_text = (
         "\n".join(f"- `{Path(path).name}`: {reason}" for path, reason in bad.items()) if bad else "None."
     )
-    labels = "\n".join(f"- `{Path(p).name}`" for p in options["labels"])
+    labels = "\n".join(f"  - `{Path(p).name}`" for p in options["labels"])
+    line_width_text = f", else {options['line_width_m']:g} m" if options["line_width_m"] else ""
     split_text = (
         f"spatial blocks of {options['split_block_m']:g} m x {options['split_block_m']:g} m"
         if options["split_by"] == "block"
@@ -91,7 +92,7 @@ def render_card(report: dict) -> str:
 ## Sources
 
 - Imagery: {report["rasters_used"]} raster(s) ({report["rasters_total"]} given), ground resolution {gsd_text}.
-- Labels: {options.get("label_source") or "the vector files below"}; license of the labels:
+- Labels: {options.get("label_source") or "the vector files listed here"}; license of the labels:
   **{report["label_license"]}**.{' OpenStreetMap-derived labels are under the ODbL 1.0 (share-alike: a database made from them is ODbL too; attribution "© OpenStreetMap contributors").' if report["label_license"] == "odbl" else ""}
 {labels}
 - Dataset license (chosen by its builder): `{options["license"]}`.
@@ -103,8 +104,7 @@ def render_card(report: dict) -> str:
 - Pixels: {report["pixel_rule_text"]} (`pixel_rule` in this card's metadata; the same rule and code as
   `scripts/predict.py`). Images are {options["image_format"].upper()}, one band per selected raster band.
 - Masks: 0 background, 1 sidewalk, 255 ignore. Lines are buffered by half their width
-  (`{options["width_field"]}` in metres, else {options["line_width_m"] if options["line_width_m"] else "none: every line had one"}
-  m; square caps, mitre joins) in a metric frame of each raster, polygons are used as they are; rasterised with
+  (`{options["width_field"]}` in metres{line_width_text}; square caps, mitre joins) in a metric frame of each raster, polygons are used as they are; rasterised with
   `rasterio.features.rasterize(all_touched=False)`: a pixel is sidewalk when its centre is inside a sidewalk
   polygon. Pixels outside the annotated region ({"`" + Path(options["label_region"]).name + "`" if options["label_region"] else "the convex hull of each label file"})
   and nodata pixels are 255; chips that are all nodata or all outside the region are left out.
