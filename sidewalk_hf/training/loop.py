@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ..data.streaming import SegmentationStream, batch_to_model_inputs
+from ..datasets_from_geodata.card import pixel_rule_of_dataset
 from ..evaluation import evaluate_model
 from ..image_processing_sidewalk_deeplab import SidewalkImageProcessor
 from ..metrics import reported_metric_keys
@@ -253,7 +254,9 @@ def train(cfg: DictConfig, *, run_dir: Path | None = None, argv: list[str] | Non
 
     # ---- build and prepare ---------------------------------------------------------------------
     model_config = model_config_from(cfg)
-    processor = SidewalkImageProcessor.from_model_config(model_config)
+    processor = SidewalkImageProcessor.from_model_config(
+        model_config, pixel_rule=pixel_rule_of_dataset(cfg.DATASET.SOURCE)
+    )
     multi_gpu = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
     model = build_model(cfg, model_config, load_weights=not checkpoints, multi_gpu=multi_gpu)
     optimizer = build_optimizer(model, cfg)
