@@ -23,7 +23,8 @@ from .weights import load_initial_weights
 logger = logging.getLogger(__name__)
 
 # Settings both the config and `accelerate launch` / `accelerate config` can give: config key -> (the
-# environment variable the launcher sets, the launcher's flag, the value when neither says).
+# environment variable the launcher sets, the launcher's flag, the value when neither says). The launcher
+# always sets the mixed precision ("no" unless told otherwise); the accumulation steps only with DeepSpeed.
 LAUNCHER_SETTINGS = {
     "SOLVER.MIXED_PRECISION": ("ACCELERATE_MIXED_PRECISION", "--mixed_precision", "no"),
     "SOLVER.GRADIENT_ACCUMULATION_STEPS": (
@@ -50,7 +51,8 @@ def launcher_settings(cfg: DictConfig) -> dict[str, object]:
         if configured is not None and launched is not None and configured != launched:
             raise ConfigError(
                 f"{key} is {configured!r} but the launcher set {launched!r} (accelerate launch {flag}, or "
-                f"`accelerate config`); leave {key} null to follow the launcher, or make them agree"
+                f"`accelerate config`; the launcher's default when neither says); leave {key} null to follow "
+                f"the launcher, or pass accelerate launch {flag} {configured}"
             )
         resolved[key] = (
             configured if configured is not None else (launched if launched is not None else default)

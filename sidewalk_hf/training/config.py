@@ -107,7 +107,7 @@ class SolverConfig:
     # None: biases decay like other weights (Detectron2's default).
     WEIGHT_DECAY_BIAS: Optional[float] = None  # noqa: UP045 (OmegaConf schemas want Optional)
     CLIP_GRAD_NORM: float = 1.0
-    # None: what the launcher says (`accelerate launch --gradient_accumulation_steps`, else 1).
+    # None: what the launcher says (DeepSpeed's `--gradient_accumulation_steps`, else 1).
     GRADIENT_ACCUMULATION_STEPS: Optional[int] = None  # noqa: UP045 (OmegaConf schemas want Optional)
     # "no" or "bf16" (or "fp16" on GPUs); None: what the launcher says (`accelerate launch --mixed_precision`
     # or `accelerate config`, else "no"). A value here that contradicts the launcher is an error.
