@@ -186,17 +186,30 @@ def read_layout(
 
 
 def _open(path: str):
-    """A binary file object: local paths natively, URLs (``hf://`` and any fsspec protocol) through fsspec."""
+    """A binary file object: local paths natively, URLs (``hf://``, any fsspec protocol) through fsspec
+    without read-ahead, so that a row group costs the ranges of its columns and nothing more."""
     if "://" not in path:
-        return open(path, "rb")
+        return pa.OSFile(path, "rb")
     filesystem, inner_path = fsspec.core.url_to_fs(path)
-    return filesystem.open(inner_path, "rb")
+    return filesystem.open(inner_path, "rb", cache_type="none")
 
 
 def _read_footer(path: str) -> pq.FileMetaData | ShardReadError:
+    """The file's footer, reading its 8 last bytes and then exactly the footer (parquet readers read the
+    last 64 kB at once: a large part of a small file)."""
     try:
         with _open(path) as source:
-            return pq.ParquetFile(source).metadata
+            size = source.seek(0, os.SEEK_END)
+            if size < 12:
+                raise ValueError(f"{size} bytes, too short for parquet")
+            source.seek(size - 8)
+            tail = source.read(8)
+            length = int.from_bytes(tail[:4], "little")
+            if tail[4:] != b"PAR1" or length + 12 > size:
+                raise ValueError("no parquet footer at the end of the file")
+            source.seek(size - 8 - length)
+            footer = source.read(length + 8)
+        return pq.read_metadata(pa.BufferReader(b"PAR1" + footer))
     except (OSError, pa.ArrowException, ValueError) as error:
         return ShardReadError(
             f"{path}: not a readable parquet file ({error}); it may be truncated (an interrupted copy) "

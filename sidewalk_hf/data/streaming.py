@@ -103,6 +103,7 @@ LABEL_VALUES = (0, 1, 255)  # background, sidewalk, ignore
 FALLBACK_FILLER_SIZE_PX = 32  # side of the fillers of a batch in which no record's size could be read
 DEFAULT_READERS_PER_PROCESS = 4  # 0, 1, 2 or 4 DataLoader workers read each record once
 READ_PLANS = ("auto", "parquet", "whole_stream")
+_LOGGED_PLANS: set[tuple[str, str, str]] = set()
 _IS_LABEL_VALUE = np.isin(np.arange(256), LABEL_VALUES)
 
 
@@ -408,9 +409,14 @@ class SegmentationStream(torch.utils.data.IterableDataset):
             )
 
     def _log_plan(self) -> None:
+        """Say how the split is read, once per process (evaluation streams are built at each validation)."""
         plan = self._plan()
         num_readers = self.num_processes * self.readers_per_process
         text = describe(plan, self._layout, num_readers)
+        key = (self.source, self.split, text)
+        if key in _LOGGED_PLANS:
+            return
+        _LOGGED_PLANS.add(key)
         shared = plan.fetched_records > self._layout.num_records - plan.dropped_records
         (logger.warning if shared else logger.info)("%s split %r: %s", self.source, self.split, text)
 
