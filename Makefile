@@ -32,6 +32,7 @@ bench: venv
 	HF_HUB_OFFLINE=1 $(PY) bench/stream_memory.py
 	HF_HUB_OFFLINE=1 $(PY) bench/data_throughput.py
 	HF_HUB_OFFLINE=1 $(PY) bench/metric_speed.py --threads 1
+	HF_HUB_OFFLINE=1 $(PY) bench/predict_raster.py
 
 lint: venv
 	$(VENV)/bin/ruff check sidewalk_hf scripts tests bench

@@ -39,10 +39,10 @@ from common import RESULTS_DIR, describe_machine, machine_info, print_table, set
 REPO = Path(__file__).resolve().parents[1]
 
 
-def default_model(folder: Path, backbone: str) -> tuple[str, bool]:
-    """The newest demo run's best model, else a random model of ``backbone`` written to ``folder``."""
+def default_model(folder: Path, backbone: str, prefer_demo: bool) -> tuple[str, bool]:
+    """The newest demo run's best model (unless ``--backbone`` is given), else a random ``backbone`` model."""
     runs = sorted((REPO / "runs").glob("*demo*/best/config.json"))
-    if runs:
+    if runs and prefer_demo:
         return str(runs[-1].parent), True
     from inference import write_model_folder
 
@@ -215,7 +215,7 @@ def main():
     parser.add_argument(
         "--model", help="model folder / run folder / Hub id (default: the demo run, else random)"
     )
-    parser.add_argument("--backbone", default="resnet101s", help="random model when there is no demo run")
+    parser.add_argument("--backbone", help="a random model of this timm backbone instead of the demo run's")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -231,7 +231,11 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_ref, trained = (
-            (args.model, True) if args.model else default_model(work / "model", args.backbone)
+            (args.model, True)
+            if args.model
+            else default_model(
+                work / "model", args.backbone or "resnet101s", prefer_demo=args.backbone is None
+            )
         )
         print(
             f"{describe_machine(machine_info(device))}\nmodel: {model_ref} ({'trained' if trained else 'random'})"

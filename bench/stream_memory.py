@@ -59,7 +59,7 @@ def dataset_for(root: Path, num_train: int, args) -> Path:
 def training_command(args, dataset: Path, runs_root: Path) -> list[str]:
     launcher = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--mixed_precision", args.mixed_precision, "--dynamo_backend", "no",
     ]  # fmt: skip
     if args.device == "cpu":
         launcher.append("--cpu")
@@ -190,6 +190,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: the config's)")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (config's)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="the launcher's"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per factor; peaks are medians")
     parser.add_argument("--poll-s", type=float, default=0.1, help="seconds between memory samples")
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed growth of peak tree RSS")
