@@ -61,7 +61,12 @@ def test_pieces_meet_at_cut_points_on_the_block_border():
     assert merged.num_edges == 1 and not (merged.coords % 1).any()  # cut point removed after the merge
 
 
-def test_vectorize_raster_in_blocks_writes_the_same_centerlines(scene, tmp_path):
+@pytest.mark.parametrize("polygons_whole_tile", [True, False])
+def test_vectorize_raster_in_blocks_writes_the_same_centerlines(
+    scene, tmp_path, monkeypatch, polygons_whole_tile
+):
+    if not polygons_whole_tile:  # polygons per block, united across block borders (tiles too large at once)
+        monkeypatch.setattr(vectorize_module, "WHOLE_TILE_POLYGONS_PX", 0)
     whole = vectorize_raster(scene.truth_mask, tmp_path / "whole", {"BLOCK_SIZE_M": 10_000})
     blocked = vectorize_raster(scene.truth_mask, tmp_path / "blocked", {"BLOCK_SIZE_M": 64, "HALO_M": 12})
     assert whole["num_blocks"] == 1 and blocked["num_blocks"] == 20  # 256-px blocks over 900 x 1100

@@ -51,6 +51,12 @@ EDGE_MARGIN_M = 2.5  # an end this close to the run's outer edge is where a side
 # (less than half of its width is visible, so its skeleton runs within a quarter width of the edge).
 EDGE_SLIVER_M = 0.5
 BLOCK_PX_RANGE = (256, 4096)
+# Tiles up to this many pixels are polygonised at once from their cleaned blocks (one byte a pixel, and
+# far faster than uniting per-block polygons); larger ones block by block, united across block borders.
+WHOLE_TILE_POLYGONS_PX = 100_000_000
+# Worker processes over tiles are spawned: a forked child of a process holding GDAL's and OpenMP's threads
+# can deadlock (it did, in our tests), at the price of importing the package once per worker.
+_START_METHOD = "spawn"
 MASK_VALUES = (0, 1, 255)
 
 
@@ -139,17 +145,29 @@ def read_sidewalk(dataset, window, threshold: float | None, name: str) -> np.nda
     return valid & (data >= threshold)
 
 
-def _polygons_in_core(clean: np.ndarray, block, origin_row: int, origin_col: int) -> list:
+def _polygons_of(mask: np.ndarray, row0: int, col0: int) -> list:
+    """Polygons (with holes) of a boolean array whose top-left pixel is (row0, col0), in pixel-corner
+    coordinates of the raster (GDAL's polygonize through rasterio; rings to shapely as ragged arrays)."""
     from rasterio.features import shapes
     from rasterio.transform import Affine
 
-    r0, r1, c0, c1 = block.core
-    core = clean[r0 - origin_row : r1 - origin_row, c0 - origin_col : c1 - origin_col]
-    if not core.any():
+    if not mask.any():
         return []
-    transform = Affine(1.0, 0.0, float(c0), 0.0, 1.0, float(r0))
-    data = core.astype(np.uint8)
-    return [shapely.geometry.shape(geom) for geom, _ in shapes(data, mask=core, transform=transform)]
+    transform = Affine(1.0, 0.0, float(col0), 0.0, 1.0, float(row0))
+    coords, ring_offsets, polygon_offsets = [], [0], [0]
+    for geom, _ in shapes(mask.astype(np.uint8), mask=mask, transform=transform):
+        for ring in geom["coordinates"]:
+            ring = np.asarray(ring, dtype=np.float64)
+            coords.append(ring)
+            ring_offsets.append(ring_offsets[-1] + len(ring))
+        polygon_offsets.append(polygon_offsets[-1] + len(geom["coordinates"]))
+    offsets = (np.array(ring_offsets), np.array(polygon_offsets))
+    return list(shapely.from_ragged_array(shapely.GeometryType.POLYGON, np.concatenate(coords), offsets))
+
+
+def _polygons_in_core(clean: np.ndarray, block, origin_row: int, origin_col: int) -> list:
+    r0, r1, c0, c1 = block.core
+    return _polygons_of(clean[r0 - origin_row : r1 - origin_row, c0 - origin_col : c1 - origin_col], r0, c0)
 
 
 def _merge_polygons(pieces: list, cores: list, area: tuple[int, int, int, int]) -> np.ndarray:
@@ -192,6 +210,9 @@ def tile_pieces(
     import rasterio
     from rasterio.windows import Window
 
+    r_lo, r_hi, c_lo, c_hi = area
+    whole_tile = (r_hi - r_lo) * (c_hi - c_lo) <= WHOLE_TILE_POLYGONS_PX
+    tile_mask = np.zeros((r_hi - r_lo, c_hi - c_lo), bool) if whole_tile else None
     with rasterio.open(mosaic_path) as dataset:
         shape = (dataset.height, dataset.width)
         blocks = block_grid(*shape, params.block_px, params.halo_px, area=area)
@@ -202,9 +223,19 @@ def tile_pieces(
             clean = clean_mask(sidewalk, params.min_object_px, params.min_hole_px, block.open_edges(shape))
             graph = skeleton_graph(skeleton_of(clean), origin=(r0, c0))
             pieces.append(clip_to_core(graph, block.core))
-            polygon_pieces += [(g, index) for g in _polygons_in_core(clean, block, r0, c0)]
-            cores.append(block.core)
-    return merge_pieces(pieces), _merge_polygons(polygon_pieces, cores, area), len(blocks)
+            if whole_tile:
+                k0, k1, j0, j1 = block.core
+                tile_mask[k0 - r_lo : k1 - r_lo, j0 - c_lo : j1 - c_lo] = clean[
+                    k0 - r0 : k1 - r0, j0 - c0 : j1 - c0
+                ]
+            else:
+                polygon_pieces += [(g, index) for g in _polygons_in_core(clean, block, r0, c0)]
+                cores.append(block.core)
+    if whole_tile:
+        polygons = np.array(_polygons_of(tile_mask, r_lo, c_lo), dtype=object)
+    else:
+        polygons = _merge_polygons(polygon_pieces, cores, area)
+    return merge_pieces(pieces), polygons, len(blocks)
 
 
 @dataclass
@@ -221,8 +252,6 @@ class Mosaic:
 
 def _group_into_mosaics(paths: list[Path], out_dir: Path) -> list[tuple[Mosaic, list[int]]]:
     import rasterio
-
-    from ..data.scene import write_mosaic_vrt
 
     infos = []
     for path in paths:
@@ -249,6 +278,8 @@ def _group_into_mosaics(paths: list[Path], out_dir: Path) -> list[tuple[Mosaic, 
                 )
             )
             continue
+        from ..data.scene import write_mosaic_vrt
+
         vrt = write_mosaic_vrt([infos[i][0] for i in members], out_dir / f"_mosaic_{k}.vrt")
         with rasterio.open(vrt) as src:
             transform, height, width = src.transform, src.height, src.width
@@ -429,7 +460,10 @@ def _polygons_to_metric(polygons: np.ndarray, frame: _Frame, tolerance_m: float)
         polygons, lambda xy: np.column_stack(frame.pixel_to_metric(xy[:, 0], xy[:, 1], centre=False))
     )
     if tolerance_m > 0:
-        metric = shapely.simplify(metric, tolerance_m, preserve_topology=True)
+        simplified = shapely.simplify(metric, tolerance_m, preserve_topology=False)
+        invalid = ~shapely.is_valid(simplified)  # rare: redo those keeping their topology
+        simplified[invalid] = shapely.simplify(metric[invalid], tolerance_m, preserve_topology=True)
+        metric = simplified
     return metric[~shapely.is_empty(metric)]
 
 
@@ -518,7 +552,7 @@ def vectorize_run(
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(
-            min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")
+            min(workers, len(jobs)), mp_context=multiprocessing.get_context(_START_METHOD)
         ) as pool:
             results = list(pool.map(_tile_job, jobs))
     else:
