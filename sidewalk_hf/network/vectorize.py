@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -528,40 +529,43 @@ def vectorize_run(
     stems = [output_stem(path) for path in paths]
     if len(set(stems)) != len(stems) or len(set(names)) != len(names):
         raise VectorInputError(f"two inputs would write the same outputs: {stems} (tiles {names})")
-    mosaics = _group_into_mosaics(paths, out_dir)
-    jobs = []
-    for mosaic, members in mosaics:
-        for index, i in enumerate(members):
-            jobs.append(
-                {
-                    "mosaic": mosaic,
-                    "index": index,
-                    "options": options,
-                    "threshold": threshold,
-                    "raster": str(paths[i]),
-                    "tile": names[i],
-                    "stem": stems[i],
-                    "out_dir": str(out_dir),
-                    "crs_source": crs_source,
-                    "order": i,
-                }
-            )
-    workers = int(workers if workers is not None else options["WORKERS"])
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    with tempfile.TemporaryDirectory(prefix="sidewalk_mosaic_") as mosaic_dir:  # VRTs live for the run only
+        mosaics = _group_into_mosaics(paths, Path(mosaic_dir))
+        jobs = []
+        for mosaic, members in mosaics:
+            for index, i in enumerate(members):
+                jobs.append(
+                    {
+                        "mosaic": mosaic,
+                        "index": index,
+                        "options": options,
+                        "threshold": threshold,
+                        "raster": str(paths[i]),
+                        "tile": names[i],
+                        "stem": stems[i],
+                        "out_dir": str(out_dir),
+                        "crs_source": crs_source,
+                        "order": i,
+                    }
+                )
+        workers = int(workers if workers is not None else options["WORKERS"])
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(
-            min(workers, len(jobs)), mp_context=multiprocessing.get_context(_START_METHOD)
-        ) as pool:
-            results = list(pool.map(_tile_job, jobs))
-    else:
-        results = [_tile_job(job) for job in jobs]
+            with ProcessPoolExecutor(
+                min(workers, len(jobs)), mp_context=multiprocessing.get_context(_START_METHOD)
+            ) as pool:
+                results = list(pool.map(_tile_job, jobs))
+        else:
+            results = [_tile_job(job) for job in jobs]
 
-    run_summary = None
-    if len(paths) > 1:
-        run_summary = _merge_run(mosaics, jobs, results, names, options, out_dir, crs_source)
-    tiles = [r["summary"] for _, r in sorted(zip([j["order"] for j in jobs], results), key=lambda x: x[0])]
+        run_summary = None
+        if len(paths) > 1:
+            run_summary = _merge_run(mosaics, jobs, results, names, options, out_dir, crs_source)
+        tiles = [
+            r["summary"] for _, r in sorted(zip([j["order"] for j in jobs], results), key=lambda x: x[0])
+        ]
     report = {"tiles": tiles, "run": run_summary, "seconds": round(time.perf_counter() - started, 3)}
     if write_summary:
         (out_dir / "vectors.json").write_text(json.dumps(report, indent=2) + "\n")
