@@ -140,9 +140,14 @@ def run(
                 lambda b: len(b["record_index"]),
             )
             stream = SegmentationStream(
-                source, "train", per_process_batch_size=batch_size, training=True, crop_size_px=size,
-                buffer_batches=8, **IMAGENET,
-            )  # fmt: skip
+                source,
+                "train",
+                per_process_batch_size=batch_size,
+                training=True,
+                crop_size_px=size,
+                buffer_batches=8,
+                **IMAGENET,
+            )
             measurements["full"] = (make_dataloader(stream, num_workers), _consume)
             # Passes interleaved, the best of each kept: a change of the machine's load (it may be shared)
             # then affects all four alike, and the best pass is the least disturbed one.

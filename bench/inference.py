@@ -212,10 +212,23 @@ def measure_memory_in_this_process(args) -> None:
 
 def memory_of(name: str, args, folder: Path) -> dict:
     command = [
-        sys.executable, __file__, "--measure-memory", name, "--folder", str(folder),
-        "--device", args.device, "--amp", args.amp, "--images", str(args.images),
-        "--size-px", str(args.size_px), "--batch-size", str(args.batch_size),
-    ]  # fmt: skip
+        sys.executable,
+        __file__,
+        "--measure-memory",
+        name,
+        "--folder",
+        str(folder),
+        "--device",
+        args.device,
+        "--amp",
+        args.amp,
+        "--images",
+        str(args.images),
+        "--size-px",
+        str(args.size_px),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     if args.threads:
         command += ["--threads", str(args.threads)]
     finished = subprocess.run(command, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
@@ -261,12 +274,17 @@ def main():
             f"class maps agree with direct eager: {', '.join(f'{k} {v:.2%}' for k, v in agreement.items())}"
         )
 
-        print(f"timing {len(CONTENDERS)} contenders on {args.images} chips "
-              f"({args.warmup} warm-up + {args.repeats} rounds)", flush=True)  # fmt: skip
+        print(
+            f"timing {len(CONTENDERS)} contenders on {args.images} chips "
+            f"({args.warmup} warm-up + {args.repeats} rounds)",
+            flush=True,
+        )
         seconds = interleaved_seconds(
             {name: (lambda name=name: contenders.run(name, chips)) for name in CONTENDERS},
-            warmup=args.warmup, repeats=args.repeats, device=device,
-        )  # fmt: skip
+            warmup=args.warmup,
+            repeats=args.repeats,
+            device=device,
+        )
         print(describe_disturbance(seconds))
         print("peak memory, one fresh process per contender", flush=True)
         memory = {name: memory_of(name, args, folder) for name in CONTENDERS}
@@ -274,20 +292,24 @@ def main():
     batch_of = {"pipeline batch 1": 1, "pipeline fast batch 1": 1}
     rows = []
     for name in CONTENDERS:
-        rows.append({
-            "contender": name.replace("batch B", f"batch {args.batch_size}"),
-            "batch": batch_of.get(name, args.batch_size),
-            "images_per_s": args.images / seconds.median(name),
-            "round_seconds": seconds.seconds[name],
-            "foreign_cores": seconds.foreign_cores[name],
-            **memory[name],
-        })  # fmt: skip
+        rows.append(
+            {
+                "contender": name.replace("batch B", f"batch {args.batch_size}"),
+                "batch": batch_of.get(name, args.batch_size),
+                "images_per_s": args.images / seconds.median(name),
+                "round_seconds": seconds.seconds[name],
+                "foreign_cores": seconds.foreign_cores[name],
+                **memory[name],
+            }
+        )
     eager_rate = next(row["images_per_s"] for row in rows if row["contender"] == "direct eager")
     for row in rows:
         row["speed_vs_direct_eager"] = row["images_per_s"] / eager_rate
 
-    print(f"\n{args.backbone}, {args.images} chips of {args.size_px} px, {device.type}"
-          f"{', direct fast in bf16' if args.amp == 'bf16' else ''}")  # fmt: skip
+    print(
+        f"\n{args.backbone}, {args.images} chips of {args.size_px} px, {device.type}"
+        f"{', direct fast in bf16' if args.amp == 'bf16' else ''}"
+    )
     columns = [
         ("contender", "contender", ""),
         ("images_per_s", "images/s", ".2f"),
@@ -299,13 +321,16 @@ def main():
         columns.append(("cuda_max_allocated_mib", "CUDA peak MiB", ".0f"))
     print_table(rows, columns)
     machine["load_average_1min_at_end"] = machine_info(device)["load_average_1min"]
-    write_json(args.json, {
-        "benchmark": "inference",
-        "machine": machine,
-        "settings": {**vars(args), "json": str(args.json), "folder": None},
-        "agreement_with_direct_eager": agreement,
-        "rows": rows,
-    })  # fmt: skip
+    write_json(
+        args.json,
+        {
+            "benchmark": "inference",
+            "machine": machine,
+            "settings": {**vars(args), "json": str(args.json), "folder": None},
+            "agreement_with_direct_eager": agreement,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,17 @@ def main() -> None:
         rows = []
         for workers in args.workers:
             out = root / f"out{workers}"
-            report = build_dataset(BuildOptions(images=[str(image)], labels=[str(labels)], out=str(out),
-                                                bands="2,3,4", scale="fixed:0,65535", num_workers=workers,
-                                                chips_per_unit=64))  # fmt: skip
+            report = build_dataset(
+                BuildOptions(
+                    images=[str(image)],
+                    labels=[str(labels)],
+                    out=str(out),
+                    bands="2,3,4",
+                    scale="fixed:0,65535",
+                    num_workers=workers,
+                    chips_per_unit=64,
+                )
+            )
             chips = sum(c["chips"] for c in report["splits"].values())
             per_s = chips / report["work_seconds"]
             rows.append(

@@ -61,8 +61,13 @@ def scene_for(model, out_dir: Path, height: int, width: int, name: str, seed: in
 def options_for(args, model, **changes):
     from sidewalk_hf.inference import InferenceOptions
 
-    base = {"window_px": model.training_chip_px or 256, "batch_size": args.batch_size,
-            "num_workers": args.num_workers, "dtype": args.dtype, "write_probs": True}  # fmt: skip
+    base = {
+        "window_px": model.training_chip_px or 256,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "dtype": args.dtype,
+        "write_probs": True,
+    }
     return InferenceOptions(**(base | changes))
 
 
@@ -75,8 +80,14 @@ def measure_throughput(args, model_ref: str, work: Path) -> dict:
     grid = WindowGrid.for_raster(args.size_px, args.size_px, options.window_px, options.stride_fraction)
     h, w = grid.window_shape
     rng = np.random.default_rng(0)
-    batches = [torch.from_numpy(rng.integers(0, 256, (min(args.batch_size, len(grid) - i), model.num_channels, h, w),
-                                             dtype=np.uint8)) for i in range(0, len(grid), args.batch_size)]  # fmt: skip
+    batches = [
+        torch.from_numpy(
+            rng.integers(
+                0, 256, (min(args.batch_size, len(grid) - i), model.num_channels, h, w), dtype=np.uint8
+            )
+        )
+        for i in range(0, len(grid), args.batch_size)
+    ]
 
     def model_alone() -> float:
         start = time.perf_counter()
@@ -153,10 +164,27 @@ def measure_memory(args, model_ref: str, work: Path) -> list[dict]:
     for height, width in ((1024, 1024), (1024, 8192)):
         scene = scene_for(model, work / "memory", height, width, f"m{width}")
         out = work / f"memory_out_{width}"
-        command = [sys.executable, str(REPO / "scripts" / "predict.py"), "--model", model_ref, "--input",
-                   str(scene.image), "--out", str(out), "--batch-size", str(args.batch_size), "--num-workers",
-                   str(args.num_workers), "--dtype", args.dtype, "--write-probs", "--no-vectors", "--overwrite",
-                   "--device", args.device_name]  # fmt: skip
+        command = [
+            sys.executable,
+            str(REPO / "scripts" / "predict.py"),
+            "--model",
+            model_ref,
+            "--input",
+            str(scene.image),
+            "--out",
+            str(out),
+            "--batch-size",
+            str(args.batch_size),
+            "--num-workers",
+            str(args.num_workers),
+            "--dtype",
+            args.dtype,
+            "--write-probs",
+            "--no-vectors",
+            "--overwrite",
+            "--device",
+            args.device_name,
+        ]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         monitor = TreePeakRss(process.pid)
         _, stderr = process.communicate()
@@ -182,8 +210,10 @@ def measure_seams(args, model_ref: str, work: Path) -> list[dict]:
         scene_for(model, work / "seams", 1024, 1536, f"seam{seed}", seed=seed)
         for seed in range(args.seam_scenes)
     ]
-    for label, changes in (("defaults (stride 0.75, cosine)", {}),
-                           ("disjoint (stride 1.0, no blending)", {"stride_fraction": 1.0, "blend": "none"})):  # fmt: skip
+    for label, changes in (
+        ("defaults (stride 0.75, cosine)", {}),
+        ("disjoint (stride 1.0, no blending)", {"stride_fraction": 1.0, "blend": "none"}),
+    ):
         options = options_for(args, model, write_probs=False, **changes)
         out = work / f"seams_{len(rows)}"
         predict_rasters(
@@ -246,14 +276,26 @@ def main():
             payload["throughput"] = result
             ratio = result["end_to_end_chips_per_s"] / result["model_alone_chips_per_s"]
             print_table(
-                [{"what": "model alone", "chips_s": result["model_alone_chips_per_s"], "ratio": 1.0},
-                 {"what": "predict_rasters end to end", "chips_s": result["end_to_end_chips_per_s"], "ratio": ratio},
-                 {"what": "  ... with model loading", "chips_s": result["end_to_end_with_load_chips_per_s"],
-                  "ratio": result["end_to_end_with_load_chips_per_s"] / result["model_alone_chips_per_s"]}],
+                [
+                    {"what": "model alone", "chips_s": result["model_alone_chips_per_s"], "ratio": 1.0},
+                    {
+                        "what": "predict_rasters end to end",
+                        "chips_s": result["end_to_end_chips_per_s"],
+                        "ratio": ratio,
+                    },
+                    {
+                        "what": "  ... with model loading",
+                        "chips_s": result["end_to_end_with_load_chips_per_s"],
+                        "ratio": result["end_to_end_with_load_chips_per_s"]
+                        / result["model_alone_chips_per_s"],
+                    },
+                ],
                 [("what", "", "s"), ("chips_s", "chips/s", ".1f"), ("ratio", "x model alone", ".2f")],
-            )  # fmt: skip
-            print(f"{result['windows']} windows of {result['window_px']} px; target end to end >= 0.85 x: "
-                  f"{'met' if ratio >= 0.85 else 'MISSED'}")  # fmt: skip
+            )
+            print(
+                f"{result['windows']} windows of {result['window_px']} px; target end to end >= 0.85 x: "
+                f"{'met' if ratio >= 0.85 else 'MISSED'}"
+            )
         if "memory" not in args.skip:
             rows = measure_memory(args, model_ref, work)
             payload["memory"] = rows
@@ -272,8 +314,14 @@ def main():
         if "seams" not in args.skip and trained:
             rows = measure_seams(args, model_ref, work)
             payload["seams"] = rows
-            print_table(rows, [("setting", "setting", "s"), ("seam_ratio", "seam ratio", ".2f"),
-                               ("sidewalk_iou", "sidewalk IoU vs truth", ".3f")])  # fmt: skip
+            print_table(
+                rows,
+                [
+                    ("setting", "setting", "s"),
+                    ("seam_ratio", "seam ratio", ".2f"),
+                    ("sidewalk_iou", "sidewalk IoU vs truth", ".3f"),
+                ],
+            )
         write_json(RESULTS_DIR / "predict_raster.json", payload)
 
 

@@ -58,22 +58,39 @@ def dataset_for(root: Path, num_train: int, args) -> Path:
 
 def training_command(args, dataset: Path, runs_root: Path) -> list[str]:
     launcher = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", args.mixed_precision, "--dynamo_backend", "no",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        args.mixed_precision,
+        "--dynamo_backend",
+        "no",
+    ]
     if args.device == "cpu":
         launcher.append("--cpu")
     opts = [
-        "DATASET.SOURCE", str(dataset),
-        "DATASET.SYNTHETIC.GENERATE_IF_MISSING", "false",
-        "SOLVER.MAX_ITER", str(args.iters),
-        "TEST.EVAL_PERIOD", "1000000000",
-        "CHECKPOINT.PERIOD", "1000000000",
-        "OUTPUT.ROOT", str(runs_root),
-        "OUTPUT.NAME", "stream-memory",
-        "OUTPUT.LOG_PERIOD", "1",
+        "DATASET.SOURCE",
+        str(dataset),
+        "DATASET.SYNTHETIC.GENERATE_IF_MISSING",
+        "false",
+        "SOLVER.MAX_ITER",
+        str(args.iters),
+        "TEST.EVAL_PERIOD",
+        "1000000000",
+        "CHECKPOINT.PERIOD",
+        "1000000000",
+        "OUTPUT.ROOT",
+        str(runs_root),
+        "OUTPUT.NAME",
+        "stream-memory",
+        "OUTPUT.LOG_PERIOD",
+        "1",
         *args.opts,
-    ]  # fmt: skip
+    ]
     flags = []
     if args.batch_size:
         flags += ["--batch_size", str(args.batch_size)]
@@ -118,8 +135,12 @@ class TreeMemory:
             value for pid, (process, value) in by_pid.items() if self._parent_pid(process) in trainer_pids
         )
         self.max_processes = max(self.max_processes, len(by_pid))
-        for key, value in (("tree_rss", rss), ("tree_pss", pss), ("trainer_rss", trainer_rss),
-                           ("workers_rss", workers_rss)):  # fmt: skip
+        for key, value in (
+            ("tree_rss", rss),
+            ("tree_pss", pss),
+            ("trainer_rss", trainer_rss),
+            ("workers_rss", workers_rss),
+        ):
             self.peaks[key] = max(self.peaks[key], value)
 
     @staticmethod
@@ -217,40 +238,50 @@ def main():
                 )
                 runs.append(one_run(args, dataset, work_dir, f"x{factor}-{repeat}"))
             peak_keys = [key for key in runs[0] if key.startswith("peak_")]
-            rows.append({
-                "factor": factor,
-                "train_chips": num_train,
-                **{key: median([run[key] for run in runs]) for key in peak_keys},
-                "max_processes": max(run["max_processes"] for run in runs),
-                "seconds": median([run["seconds"] for run in runs]),
-                "runs": runs,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "factor": factor,
+                    "train_chips": num_train,
+                    **{key: median([run[key] for run in runs]) for key in peak_keys},
+                    "max_processes": max(run["max_processes"] for run in runs),
+                    "seconds": median([run["seconds"] for run in runs]),
+                    "runs": runs,
+                }
+            )
 
     growth = rows[-1]["peak_tree_rss_mib"] / rows[0]["peak_tree_rss_mib"] - 1
     flat = growth <= args.tolerance
     print(f"\n{args.config}, {args.iters} iterations, {args.chip_size_px}-px chips")
-    print_table(rows, [
-        ("factor", "dataset", "d"),
-        ("train_chips", "train chips", "d"),
-        ("peak_tree_rss_mib", "peak tree RSS MiB", ".0f"),
-        ("peak_tree_pss_mib", "peak tree PSS MiB", ".0f"),
-        ("peak_trainer_rss_mib", "trainer RSS MiB", ".0f"),
-        ("peak_workers_rss_mib", "workers RSS MiB", ".0f"),
-        ("max_processes", "processes", "d"),
-        ("seconds", "run s", ".0f"),
-    ])  # fmt: skip
+    print_table(
+        rows,
+        [
+            ("factor", "dataset", "d"),
+            ("train_chips", "train chips", "d"),
+            ("peak_tree_rss_mib", "peak tree RSS MiB", ".0f"),
+            ("peak_tree_pss_mib", "peak tree PSS MiB", ".0f"),
+            ("peak_trainer_rss_mib", "trainer RSS MiB", ".0f"),
+            ("peak_workers_rss_mib", "workers RSS MiB", ".0f"),
+            ("max_processes", "processes", "d"),
+            ("seconds", "run s", ".0f"),
+        ],
+    )
     verdict = "flat" if flat else "GROWS"
-    print(f"\npeak tree RSS at {rows[-1]['factor']}x vs {rows[0]['factor']}x: {growth:+.1%} "
-          f"(tolerance {args.tolerance:.0%}): {verdict}")  # fmt: skip
+    print(
+        f"\npeak tree RSS at {rows[-1]['factor']}x vs {rows[0]['factor']}x: {growth:+.1%} "
+        f"(tolerance {args.tolerance:.0%}): {verdict}"
+    )
     machine["load_average_1min_at_end"] = machine_info(args.device)["load_average_1min"]
-    write_json(args.json, {
-        "benchmark": "stream_memory",
-        "machine": machine,
-        "settings": {**vars(args), "json": str(args.json), "data_root": str(args.data_root)},
-        "rows": rows,
-        "growth": growth,
-        "flat": flat,
-    })  # fmt: skip
+    write_json(
+        args.json,
+        {
+            "benchmark": "stream_memory",
+            "machine": machine,
+            "settings": {**vars(args), "json": str(args.json), "data_root": str(args.data_root)},
+            "rows": rows,
+            "growth": growth,
+            "flat": flat,
+        },
+    )
 
 
 if __name__ == "__main__":

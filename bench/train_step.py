@@ -248,15 +248,19 @@ def measure_size(
     print(f"  timing training steps ({args.warmup} warm-up + {args.repeats} rounds)", flush=True)
     train_s = interleaved_seconds(
         {key: c.train_step for key, c in contenders.items()},
-        warmup=args.warmup, repeats=args.repeats, device=device,
-    )  # fmt: skip
+        warmup=args.warmup,
+        repeats=args.repeats,
+        device=device,
+    )
     for contender in contenders.values():
         contender.prepare_inference()
     print(f"  timing inference ({args.warmup} warm-up + {args.repeats} rounds)", flush=True)
     infer_s = interleaved_seconds(
         {key: c.inference_step for key, c in contenders.items()},
-        warmup=args.warmup, repeats=args.repeats, device=device,
-    )  # fmt: skip
+        warmup=args.warmup,
+        repeats=args.repeats,
+        device=device,
+    )
 
     for phase, timings in (("training", train_s), ("inference", infer_s)):
         print(f"  {phase}: {describe_disturbance(timings)}", flush=True)
@@ -264,24 +268,26 @@ def measure_size(
     for key, contender in contenders.items():
         gflop = flops[contender.family]
         train_step_s, infer_step_s = train_s.median(key), infer_s.median(key)
-        rows.append({
-            "model": MODEL_NAMES[contender.family],
-            "family": contender.family,
-            "setting": contender.setting.label,
-            "batch": batch,
-            "size_px": size_px,
-            "shape": f"{batch}x{size_px}",
-            "forward_gflop_per_image": gflop,
-            "train_ms_per_image": 1000 * train_step_s / batch,
-            "train_gflop_per_s": 3 * gflop * batch / train_step_s,
-            "infer_ms_per_image": 1000 * infer_step_s / batch,
-            "infer_gflop_per_s": gflop * batch / infer_step_s,
-            "train_peak_extra_mib": peak_mib[key],
-            "train_step_seconds": train_s.seconds[key],
-            "infer_step_seconds": infer_s.seconds[key],
-            "train_foreign_cores": train_s.foreign_cores[key],
-            "infer_foreign_cores": infer_s.foreign_cores[key],
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": MODEL_NAMES[contender.family],
+                "family": contender.family,
+                "setting": contender.setting.label,
+                "batch": batch,
+                "size_px": size_px,
+                "shape": f"{batch}x{size_px}",
+                "forward_gflop_per_image": gflop,
+                "train_ms_per_image": 1000 * train_step_s / batch,
+                "train_gflop_per_s": 3 * gflop * batch / train_step_s,
+                "infer_ms_per_image": 1000 * infer_step_s / batch,
+                "infer_gflop_per_s": gflop * batch / infer_step_s,
+                "train_peak_extra_mib": peak_mib[key],
+                "train_step_seconds": train_s.seconds[key],
+                "infer_step_seconds": infer_s.seconds[key],
+                "train_foreign_cores": train_s.foreign_cores[key],
+                "infer_foreign_cores": infer_s.foreign_cores[key],
+            }
+        )
     return rows
 
 
@@ -293,45 +299,53 @@ def ratios_and_floors(rows: list[dict], device_type: str, floor_setting: str) ->
         ours, smp = pick.get(("ours", "fp32 eager")), pick.get(("smp", "fp32 eager"))
         ours_default = pick.get(("ours", OUR_DEFAULT_SETTING.label))
         if ours_default and smp and device_type == "cpu":
-            checks.append({
-                "shape": shape,
-                "ratio": f"train GFLOP/s, ours [{OUR_DEFAULT_SETTING.label}, our default] / smp [fp32 eager, its default]",
-                "value": ours_default["train_gflop_per_s"] / smp["train_gflop_per_s"],
-                "floor": CPU_FLOORS["train_gflops_ours_over_smp"],
-            })  # fmt: skip
+            checks.append(
+                {
+                    "shape": shape,
+                    "ratio": f"train GFLOP/s, ours [{OUR_DEFAULT_SETTING.label}, our default] / smp [fp32 eager, its default]",
+                    "value": ours_default["train_gflop_per_s"] / smp["train_gflop_per_s"],
+                    "floor": CPU_FLOORS["train_gflops_ours_over_smp"],
+                }
+            )
         for setting in dict.fromkeys(("fp32 eager", OUR_DEFAULT_SETTING.label, floor_setting)):
             ours_same, smp_same = pick.get(("ours", setting)), pick.get(("smp", setting))
             if ours_same and smp_same:
-                checks.append({
-                    "shape": shape,
-                    "ratio": f"train GFLOP/s, ours / smp, both [{setting}]",
-                    "value": ours_same["train_gflop_per_s"] / smp_same["train_gflop_per_s"],
-                    "floor": None,
-                })  # fmt: skip
+                checks.append(
+                    {
+                        "shape": shape,
+                        "ratio": f"train GFLOP/s, ours / smp, both [{setting}]",
+                        "value": ours_same["train_gflop_per_s"] / smp_same["train_gflop_per_s"],
+                        "floor": None,
+                    }
+                )
         fast_rows = [
             row for (family, setting), row in pick.items() if family == "ours" and setting != "fp32 eager"
         ]
         for fast in fast_rows:
-            checks.append({
-                "shape": shape,
-                "ratio": f"inference speed-up, ours [{fast['setting']}] over fp32 eager",
-                "value": ours["infer_ms_per_image"] / fast["infer_ms_per_image"],
-                "floor": (
-                    CPU_FLOORS["inference_fast_over_eager"]
-                    if device_type == "cpu" and fast["setting"] == floor_setting
-                    else None
-                ),
-            })  # fmt: skip
-            checks.append({
-                "shape": shape,
-                "ratio": f"training speed-up, ours [{fast['setting']}] over fp32 eager",
-                "value": ours["train_ms_per_image"] / fast["train_ms_per_image"],
-                "floor": (
-                    GPU_FLOORS["train_fast_over_eager"]
-                    if device_type == "cuda" and fast["setting"] == floor_setting
-                    else None
-                ),
-            })  # fmt: skip
+            checks.append(
+                {
+                    "shape": shape,
+                    "ratio": f"inference speed-up, ours [{fast['setting']}] over fp32 eager",
+                    "value": ours["infer_ms_per_image"] / fast["infer_ms_per_image"],
+                    "floor": (
+                        CPU_FLOORS["inference_fast_over_eager"]
+                        if device_type == "cpu" and fast["setting"] == floor_setting
+                        else None
+                    ),
+                }
+            )
+            checks.append(
+                {
+                    "shape": shape,
+                    "ratio": f"training speed-up, ours [{fast['setting']}] over fp32 eager",
+                    "value": ours["train_ms_per_image"] / fast["train_ms_per_image"],
+                    "floor": (
+                        GPU_FLOORS["train_fast_over_eager"]
+                        if device_type == "cuda" and fast["setting"] == floor_setting
+                        else None
+                    ),
+                }
+            )
     for check in checks:
         check["met"] = None if check["floor"] is None else check["value"] >= check["floor"]
     return checks
@@ -401,13 +415,20 @@ def main():
         floor = "" if check["floor"] is None else f" (floor {check['floor']:.1f}x)"
         print(f"{check['shape']:<7} {check['ratio']:<72} {check['value']:5.2f}x{floor}{verdict}")
     machine["load_average_1min_at_end"] = machine_info(device)["load_average_1min"]
-    write_json(args.json, {
-        "benchmark": "train_step",
-        "machine": machine,
-        "settings": {**vars(args), "json": str(args.json), "fast_settings": [setting.label for setting in fast_settings]},
-        "rows": rows,
-        "checks": checks,
-    })  # fmt: skip
+    write_json(
+        args.json,
+        {
+            "benchmark": "train_step",
+            "machine": machine,
+            "settings": {
+                **vars(args),
+                "json": str(args.json),
+                "fast_settings": [setting.label for setting in fast_settings],
+            },
+            "rows": rows,
+            "checks": checks,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -139,8 +139,18 @@ def main() -> None:
     for case in args.cases:
         for workers in [1, args.workers] if case == "tiles" else [1]:
             name = f"tiles-{workers}-workers" if case == "tiles" else case
-            command = [sys.executable, __file__, "--case", name, "--size", str(args.size), "--work", str(work),
-                       "--workers", str(workers)]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--case",
+                name,
+                "--size",
+                str(args.size),
+                "--work",
+                str(work),
+                "--workers",
+                str(workers),
+            ]
             done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, cwd=ROOT)
             if done.returncode:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")

@@ -40,8 +40,14 @@ def main() -> int:
         if args.out
         else (Path(model) / "scene_demo" if Path(model).is_dir() else Path("scene_demo"))
     )
-    summary = run_scene_demo(model, out, height_px=args.size[0], width_px=args.size[1], seed=args.seed,
-                             cfg=load_config(args.config))  # fmt: skip
+    summary = run_scene_demo(
+        model,
+        out,
+        height_px=args.size[0],
+        width_px=args.size[1],
+        seed=args.seed,
+        cfg=load_config(args.config),
+    )
     scores = summary["scores"]
     print(
         f"\nscene {summary['scene']['image']} ({args.size[0]} x {args.size[1]} px, {summary['scene']['gsd_m']} m/px)"

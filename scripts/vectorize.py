@@ -25,11 +25,19 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
-        "--threshold", nargs="?", type=float, const=-1.0, default=None,
+        "--threshold",
+        nargs="?",
+        type=float,
+        const=-1.0,
+        default=None,
         help="the inputs are probabilities: sidewalk where p >= THRESHOLD (no value: VECTOR.THRESHOLD)",
-    )  # fmt: skip
-    parser.add_argument("--crs", choices=("wgs84", "source"), default="wgs84",
-                        help="source: also write a GeoPackage in the rasters' CRS")  # fmt: skip
+    )
+    parser.add_argument(
+        "--crs",
+        choices=("wgs84", "source"),
+        default="wgs84",
+        help="source: also write a GeoPackage in the rasters' CRS",
+    )
     parser.add_argument("--workers", type=int, default=None, help="processes over tiles (VECTOR.WORKERS)")
     parser.add_argument("--config", default=None, help="a config name in configs/ or a path")
     parser.add_argument(

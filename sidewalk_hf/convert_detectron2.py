@@ -26,12 +26,28 @@ from .modeling_sidewalk_deeplab import SidewalkDeepLabForSemanticSegmentation
 CITYSCAPES_ID2LABEL = dict(
     enumerate(
         [
-            "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-            "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+            "road",
+            "sidewalk",
+            "building",
+            "wall",
+            "fence",
+            "pole",
+            "traffic light",
+            "traffic sign",
+            "vegetation",
+            "terrain",
+            "sky",
+            "person",
+            "rider",
+            "car",
+            "truck",
+            "bus",
+            "train",
+            "motorcycle",
             "bicycle",
         ]
     )
-)  # fmt: skip
+)
 
 PREDICTOR_KEYS = ("decode_head.classifier.weight", "decode_head.classifier.bias")
 

@@ -79,8 +79,16 @@ def overview_picture(
     return out
 
 
-def run_scene_demo(model: str, out_dir: str | Path, *, height_px: int = 2048, width_px: int = 2048, seed: int = 11,
-                   cfg=None, device: str | None = None) -> dict:  # fmt: skip
+def run_scene_demo(
+    model: str,
+    out_dir: str | Path,
+    *,
+    height_px: int = 2048,
+    width_px: int = 2048,
+    seed: int = 11,
+    cfg=None,
+    device: str | None = None,
+) -> dict:
     """Render, predict, vectorise and score one scene; returns (and writes as ``scene_demo.json``) the figures."""
     from .network.scoring import cldice_rasters, score_files
     from .network.vectorize import vectorize_run
@@ -88,8 +96,14 @@ def run_scene_demo(model: str, out_dir: str | Path, *, height_px: int = 2048, wi
     out_dir = Path(out_dir)
     loaded = load_inference_model(model, device=device)
     chip_px = loaded.training_chip_px or 256
-    scene = write_scene(out_dir / "scene", "demo_scene", height_px=height_px, width_px=width_px, seed=seed,
-                        gsd_m=REFERENCE_GSD_M * 256 / chip_px)  # fmt: skip
+    scene = write_scene(
+        out_dir / "scene",
+        "demo_scene",
+        height_px=height_px,
+        width_px=width_px,
+        seed=seed,
+        gsd_m=REFERENCE_GSD_M * 256 / chip_px,
+    )
     predicted = out_dir / "predicted"
     options = InferenceOptions(window_px=chip_px, write_probs=True, num_workers=1)
     manifest = predict_rasters(model, [str(scene.image)], predicted, options, overwrite=True, device=device)
@@ -112,13 +126,19 @@ def run_scene_demo(model: str, out_dir: str | Path, *, height_px: int = 2048, wi
     )
     summary = {
         "model": model,
-        "scene": {"image": str(scene.image), "truth_mask": str(scene.truth_mask), "centerlines": str(scene.centerlines),
-                  "size_px": [height_px, width_px], "gsd_m": scene.gsd_m, "crs": scene.crs},
+        "scene": {
+            "image": str(scene.image),
+            "truth_mask": str(scene.truth_mask),
+            "centerlines": str(scene.centerlines),
+            "size_px": [height_px, width_px],
+            "gsd_m": scene.gsd_m,
+            "crs": scene.crs,
+        },
         "prediction": {"mask": str(mask), "windows": entry["windows_run"], "seconds": entry["seconds"]},
         "network": {"centerlines": str(centerlines), "polygons": vectors["tiles"][0]["polygons"]},
         "scores": scores,
         "overview": str(picture),
         "detail": str(detail),
-    }  # fmt: skip
+    }
     (out_dir / "scene_demo.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary

@@ -72,9 +72,13 @@ def write_space_examples(
         written.append(path)
     if scene_size_px:
         scene = write_scene(
-            out_dir / ".scene-tmp", "scene", height_px=scene_size_px, width_px=scene_size_px, seed=seed,
+            out_dir / ".scene-tmp",
+            "scene",
+            height_px=scene_size_px,
+            width_px=scene_size_px,
+            seed=seed,
             gsd_m=scene_gsd_m,
-        )  # fmt: skip
+        )
         target = out_dir / "scene.tif"
         os.replace(scene.image, target)
         for leftover in (scene.truth_mask, scene.centerlines):

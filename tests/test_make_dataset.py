@@ -50,10 +50,21 @@ def scene_region(scene, path: Path) -> Path:
     with rasterio.open(scene.image) as src:
         left, bottom, right, top = src.bounds
     ring = [[left, bottom], [right, bottom], [right, top], [left, top], [left, bottom]]
-    path.write_text(json.dumps({
-        "type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": scene.crs}},
-        "features": [{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}],
-    }))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "crs": {"type": "name", "properties": {"name": scene.crs}},
+                "features": [
+                    {
+                        "type": "Feature",
+                        "properties": {},
+                        "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    }
+                ],
+            }
+        )
+    )
     return path
 
 
@@ -94,8 +105,18 @@ def utm_scene(tmp_path_factory):
 def utm_dataset(utm_scene, tmp_path_factory):
     scene, lines, region = utm_scene
     out = tmp_path_factory.mktemp("built") / "dataset"
-    report = build_dataset(BuildOptions(images=[str(scene.image)], labels=[str(lines)], out=str(out), chip_px=128,
-                                        overlap_px=32, label_region=str(region), split_block_m=80, num_workers=0))  # fmt: skip
+    report = build_dataset(
+        BuildOptions(
+            images=[str(scene.image)],
+            labels=[str(lines)],
+            out=str(out),
+            chip_px=128,
+            overlap_px=32,
+            label_region=str(region),
+            split_block_m=80,
+            num_workers=0,
+        )
+    )
     return out, report
 
 
@@ -110,8 +131,9 @@ def test_chip_masks_equal_the_true_masks(utm_scene, utm_dataset):
     # nodata pixels (the scene's left border) are 255 in the masks and 0 in the images
     assert np.array_equal(masks == 255, truth == 255)
     nodata_rows = [r for r in rows if r["window"][0] == 0]
-    assert nodata_rows and all((r["pixels"][:, :24] == 0).all() and (r["labels"][:, :24] == 255).all()
-                               for r in nodata_rows)  # fmt: skip
+    assert nodata_rows and all(
+        (r["pixels"][:, :24] == 0).all() and (r["labels"][:, :24] == 255).all() for r in nodata_rows
+    )
 
 
 def test_rows_carry_their_georeference(utm_scene, utm_dataset):
@@ -151,8 +173,16 @@ def test_card_and_layout_are_read_by_datasets_and_the_training_stream(utm_datase
     assert pixel_rule_of_dataset(out) == metadata["pixel_rule"]
     first = next(iter(datasets.load_dataset(str(out), split="train", streaming=True)))
     assert first["image"].size == (128, 128) and first["mask"].mode in ("L", "P")
-    stream = SegmentationStream(str(out), "train", per_process_batch_size=2, training=False, image_mean=[0.5] * 3,
-                                image_std=[0.25] * 3, rescale_factor=1 / 255, num_channels=3)  # fmt: skip
+    stream = SegmentationStream(
+        str(out),
+        "train",
+        per_process_batch_size=2,
+        training=False,
+        image_mean=[0.5] * 3,
+        image_std=[0.25] * 3,
+        rescale_factor=1 / 255,
+        num_channels=3,
+    )
     batch = next(iter(stream))
     assert batch["pixel_values"].shape[1:] == (3, 128, 128) and batch["labels"].shape[1:] == (128, 128)
 
@@ -164,8 +194,18 @@ def test_labels_in_wgs84_on_a_raster_in_us_feet_give_the_same_masks(tmp_path):
     for name, crs in (("native", None), ("wgs84", "EPSG:4326")):
         lines = osm_lines(scene, tmp_path / f"{name}.geojson", to_crs=crs)
         out = tmp_path / name
-        build_dataset(BuildOptions(images=[str(scene.image)], labels=[str(lines)], out=str(out), chip_px=128,
-                                   overlap_px=0, label_region=str(region), split=(1, 0, 0), num_workers=0))  # fmt: skip
+        build_dataset(
+            BuildOptions(
+                images=[str(scene.image)],
+                labels=[str(lines)],
+                out=str(out),
+                chip_px=128,
+                overlap_px=0,
+                label_region=str(region),
+                split=(1, 0, 0),
+                num_workers=0,
+            )
+        )
         rows = sorted(read_rows(out), key=lambda r: r["window"])
         masks[name], truth = masks_and_truth(rows, scene.truth_mask)
     assert sidewalk_iou(masks["wgs84"], truth) >= 0.95
@@ -186,9 +226,19 @@ def test_split_blocks_never_share_a_place(tmp_path):
             with rasterio.open(tiles / f"{name}.tif", "w", **profile) as dst:
                 dst.write(src.read(window=window))
     out = tmp_path / "dataset"
-    report = build_dataset(BuildOptions(images=[str(tiles)], labels=[str(lines)], out=str(out), chip_px=64,
-                                        overlap_px=16, split=(0.5, 0.25, 0.25), split_block_m=40, seed=1,
-                                        num_workers=0))  # fmt: skip
+    report = build_dataset(
+        BuildOptions(
+            images=[str(tiles)],
+            labels=[str(lines)],
+            out=str(out),
+            chip_px=64,
+            overlap_px=16,
+            split=(0.5, 0.25, 0.25),
+            split_block_m=40,
+            seed=1,
+            num_workers=0,
+        )
+    )
     rows = read_rows(out)
     by_split = {}
     for row in rows:
@@ -210,21 +260,36 @@ def test_split_blocks_never_share_a_place(tmp_path):
 
 def test_16_bit_4_band_raster_with_bands_and_scale_gives_the_8_bit_chips(tmp_path):
     rgb8 = write_scene(tmp_path, "rgb8", height_px=256, width_px=320, seed=11, gsd_m=0.3)
-    nrgb16 = write_scene(tmp_path, "nrgb16", height_px=256, width_px=320, seed=11, gsd_m=0.3, num_bands=4,
-                         dtype="uint16")  # fmt: skip
+    nrgb16 = write_scene(
+        tmp_path, "nrgb16", height_px=256, width_px=320, seed=11, gsd_m=0.3, num_bands=4, dtype="uint16"
+    )
     lines = osm_lines(rgb8, tmp_path / "lines.geojson")
     built = {}
     for name, scene, bands, scale in (("8", rgb8, None, "none"), ("16", nrgb16, "2,3,4", "fixed:0,65535")):
         out = tmp_path / f"ds{name}"
-        build_dataset(BuildOptions(images=[str(scene.image)], labels=[str(lines)], out=str(out), chip_px=128,
-                                   overlap_px=32, bands=bands, scale=scale, split=(1, 0, 0), num_workers=0))  # fmt: skip
+        build_dataset(
+            BuildOptions(
+                images=[str(scene.image)],
+                labels=[str(lines)],
+                out=str(out),
+                chip_px=128,
+                overlap_px=32,
+                bands=bands,
+                scale=scale,
+                split=(1, 0, 0),
+                num_workers=0,
+            )
+        )
         built[name] = sorted(read_rows(out), key=lambda r: r["window"])
     assert len(built["8"]) == len(built["16"]) > 0
     for a, b in zip(built["8"], built["16"]):
         assert a["window"] == b["window"]
         assert np.array_equal(a["pixels"], b["pixels"]) and np.array_equal(a["labels"], b["labels"])
-    assert pixel_rule_of_dataset(tmp_path / "ds16") == {"bands": [2, 3, 4], "scale": "fixed:0,65535",
-                                                        "ranges": [[0.0, 65535.0]]}  # fmt: skip
+    assert pixel_rule_of_dataset(tmp_path / "ds16") == {
+        "bands": [2, 3, 4],
+        "scale": "fixed:0,65535",
+        "ranges": [[0.0, 65535.0]],
+    }
 
 
 def make_dataset_main(argv: list[str]) -> int:
@@ -245,9 +310,28 @@ def test_bad_rasters_are_reported_and_the_build_goes_on(utm_scene, tmp_path, cap
     )
     four_bands = write_scene(tmp_path, "four", height_px=128, width_px=128, seed=1, gsd_m=0.3, num_bands=4)
     out = tmp_path / "dataset"
-    code = make_dataset_main(["--images", str(scene.image), str(broken), str(no_crs), str(far.image), str(four_bands.image),
-                              "--labels", str(lines), "--out", str(out), "--chip-size", "128", "--overlap", "0",
-                              "--split", "1,0,0", "--num-workers", "0"])  # fmt: skip
+    code = make_dataset_main(
+        [
+            "--images",
+            str(scene.image),
+            str(broken),
+            str(no_crs),
+            str(far.image),
+            str(four_bands.image),
+            "--labels",
+            str(lines),
+            "--out",
+            str(out),
+            "--chip-size",
+            "128",
+            "--overlap",
+            "0",
+            "--split",
+            "1,0,0",
+            "--num-workers",
+            "0",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1
     report = json.loads((out / "build_report.json").read_text())
@@ -298,29 +382,61 @@ def test_sidewalk_polygons_from_a_geopackage_or_shapefile_are_used_as_they_are(
 
     scene, _, region = utm_scene
     collection = json.loads(scene.centerlines.read_text())
-    polygons = [shapely.geometry.shape(f["geometry"]).buffer(f["properties"]["width_m"] / 2, cap_style="square",
-                                                             join_style="mitre") for f in collection["features"]]  # fmt: skip
+    polygons = [
+        shapely.geometry.shape(f["geometry"]).buffer(
+            f["properties"]["width_m"] / 2, cap_style="square", join_style="mitre"
+        )
+        for f in collection["features"]
+    ]
     polygons = shapely.get_parts(shapely.union_all(polygons))  # a city's sidewalk polygons: one per area
     to_wgs84 = Transformer.from_crs(scene.crs, "EPSG:4326", always_xy=True)
     polygons = shapely.transform(polygons, lambda xy: np.column_stack(to_wgs84.transform(xy[:, 0], xy[:, 1])))
     path = tmp_path / f"sidewalks{suffix}"
-    pyogrio.raw.write(path, shapely.to_wkb(polygons), field_data=[np.arange(len(polygons))], fields=["fid_"],
-                      driver=driver, geometry_type="Polygon", crs="EPSG:4326")  # fmt: skip
+    pyogrio.raw.write(
+        path,
+        shapely.to_wkb(polygons),
+        field_data=[np.arange(len(polygons))],
+        fields=["fid_"],
+        driver=driver,
+        geometry_type="Polygon",
+        crs="EPSG:4326",
+    )
     out = tmp_path / "dataset"
-    build_dataset(BuildOptions(images=[str(scene.image)], labels=[str(path)], out=str(out), chip_px=128,
-                               overlap_px=0, label_region=str(region), split=(1, 0, 0), num_workers=0))  # fmt: skip
+    build_dataset(
+        BuildOptions(
+            images=[str(scene.image)],
+            labels=[str(path)],
+            out=str(out),
+            chip_px=128,
+            overlap_px=0,
+            label_region=str(region),
+            split=(1, 0, 0),
+            num_workers=0,
+        )
+    )
     masks, truth = masks_and_truth(read_rows(out), scene.truth_mask)
     assert sidewalk_iou(masks, truth) >= 0.95
     assert "**unknown**" in (out / "README.md").read_text()  # not OSM-like: the label license is not guessed
 
 
 def test_percentile_scaling_is_resolved_once_and_recorded(tmp_path):
-    scene = write_scene(tmp_path, "nrgb16", height_px=256, width_px=256, seed=2, gsd_m=0.3, num_bands=4,
-                        dtype="uint16")  # fmt: skip
+    scene = write_scene(
+        tmp_path, "nrgb16", height_px=256, width_px=256, seed=2, gsd_m=0.3, num_bands=4, dtype="uint16"
+    )
     lines = osm_lines(scene, tmp_path / "lines.geojson")
     out = tmp_path / "dataset"
-    report = build_dataset(BuildOptions(images=[str(scene.image)], labels=[str(lines)], out=str(out), chip_px=128,
-                                        bands="1,3,4", scale="percentiles:2,98", split=(1, 0, 0), num_workers=0))  # fmt: skip
+    report = build_dataset(
+        BuildOptions(
+            images=[str(scene.image)],
+            labels=[str(lines)],
+            out=str(out),
+            chip_px=128,
+            bands="1,3,4",
+            scale="percentiles:2,98",
+            split=(1, 0, 0),
+            num_workers=0,
+        )
+    )
     rule = pixel_rule_of_dataset(out)
     assert rule["bands"] == [1, 3, 4] and rule["scale"] == "percentiles:2,98" and len(rule["ranges"]) == 3
     assert all(0 <= lo < hi <= 65535 for lo, hi in rule["ranges"]) and rule == report["pixel_rule"]
@@ -334,8 +450,17 @@ def test_split_by_raster_puts_each_raster_in_one_split(utm_scene, tmp_path):
     scene, lines, _ = utm_scene
     tiles = split_into_tiles(scene.image, 2, 2, tmp_path / "tiles")
     out = tmp_path / "dataset"
-    build_dataset(BuildOptions(images=[str(t) for t in tiles], labels=[str(lines)], out=str(out), chip_px=64,
-                               split_by="raster", split=(0.5, 0.5, 0), num_workers=0))  # fmt: skip
+    build_dataset(
+        BuildOptions(
+            images=[str(t) for t in tiles],
+            labels=[str(lines)],
+            out=str(out),
+            chip_px=64,
+            split_by="raster",
+            split=(0.5, 0.5, 0),
+            num_workers=0,
+        )
+    )
     split_of = {}
     for row in read_rows(out):
         split_of.setdefault(row["source"], set()).add(row["split"])
@@ -348,8 +473,14 @@ def test_an_existing_folder_is_only_replaced_when_it_holds_a_dataset(utm_scene, 
 
     scene, lines, _ = utm_scene
     out = tmp_path / "dataset"
-    settings = {"images": [str(scene.image)], "labels": [str(lines)], "out": str(out), "chip_px": 128,
-                "split": (1, 0, 0), "num_workers": 0}  # fmt: skip
+    settings = {
+        "images": [str(scene.image)],
+        "labels": [str(lines)],
+        "out": str(out),
+        "chip_px": 128,
+        "split": (1, 0, 0),
+        "num_workers": 0,
+    }
     build_dataset(BuildOptions(**settings))
     with pytest.raises(BuildError, match="already holds a finished dataset"):
         build_dataset(BuildOptions(**settings))

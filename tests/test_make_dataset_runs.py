@@ -46,16 +46,35 @@ def all_rows(dataset: Path) -> dict[str, list]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")
-    scenes = [write_scene(folder, f"tile{i}", height_px=384, width_px=384, seed=20 + i, gsd_m=0.3,
-                          origin=(560_000.0 + 115.2 * i, 4_460_000.0)) for i in range(2)]  # fmt: skip
+    scenes = [
+        write_scene(
+            folder,
+            f"tile{i}",
+            height_px=384,
+            width_px=384,
+            seed=20 + i,
+            gsd_m=0.3,
+            origin=(560_000.0 + 115.2 * i, 4_460_000.0),
+        )
+        for i in range(2)
+    ]
     lines = [osm_lines(scene, folder / f"tile{i}.geojson") for i, scene in enumerate(scenes)]
     return [str(s.image) for s in scenes], [str(p) for p in lines]
 
 
 def options(inputs, out: Path, **overrides) -> BuildOptions:
     images, labels = inputs
-    settings = {"images": images, "labels": labels, "out": str(out), "chip_px": 64, "overlap_px": 16,
-                "split_block_m": 40, "seed": 2, "num_workers": 0, "chips_per_unit": 16}  # fmt: skip
+    settings = {
+        "images": images,
+        "labels": labels,
+        "out": str(out),
+        "chip_px": 64,
+        "overlap_px": 16,
+        "split_block_m": 40,
+        "seed": 2,
+        "num_workers": 0,
+        "chips_per_unit": 16,
+    }
     return BuildOptions(**(settings | overrides))
 
 
@@ -83,9 +102,13 @@ def test_an_interrupted_build_resumes_to_the_same_dataset(inputs, reference, tmp
         "build_dataset(BuildOptions(**json.loads(sys.argv[1])))"
     )
     settings = {k: v for k, v in vars(options(inputs, out)).items()}
-    process = subprocess.Popen([sys.executable, "-c", script, json.dumps(settings)], start_new_session=True,
-                               env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(settings)],
+        start_new_session=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if list((out / ".build" / "units").glob("*/done.json")):
@@ -125,8 +148,12 @@ class FakeHub:
                 with operation.as_file() as handle:
                     files[operation.path_in_repo] = handle.read()
             hub.commits.append({"repo_id": repo_id, "repo_type": repo_type, "files": files})
-            return CommitInfo(commit_url=f"https://huggingface.co/datasets/{repo_id}/commit/{'0' * 40}",
-                              commit_message=commit_message, commit_description="", oid="0" * 40)  # fmt: skip
+            return CommitInfo(
+                commit_url=f"https://huggingface.co/datasets/{repo_id}/commit/{'0' * 40}",
+                commit_message=commit_message,
+                commit_description="",
+                oid="0" * 40,
+            )
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "create_commit", create_commit)
@@ -141,9 +168,28 @@ def test_push_to_hub_uploads_a_loadable_dataset_and_never_the_token(inputs, tmp_
     images, labels = inputs
     out = tmp_path / "dataset"
     main = runpy.run_path(str(REPO / "scripts" / "make_dataset.py"), run_name="make_dataset")["main"]
-    code = main(["--images", *images, "--labels", *labels, "--out", str(out), "--chip-size", "64",
-                 "--split-block-m", "40", "--seed", "2", "--num-workers", "0", "--license", "odbl",
-                 "--push-to-hub", "org/nj-sidewalks"])  # fmt: skip
+    code = main(
+        [
+            "--images",
+            *images,
+            "--labels",
+            *labels,
+            "--out",
+            str(out),
+            "--chip-size",
+            "64",
+            "--split-block-m",
+            "40",
+            "--seed",
+            "2",
+            "--num-workers",
+            "0",
+            "--license",
+            "odbl",
+            "--push-to-hub",
+            "org/nj-sidewalks",
+        ]
+    )
     assert code == 0
     assert hub.created == [{"repo_id": "org/nj-sidewalks", "repo_type": "dataset", "private": True}]
     (commit,) = hub.commits
@@ -166,21 +212,74 @@ def test_push_to_hub_uploads_a_loadable_dataset_and_never_the_token(inputs, tmp_
 def test_training_on_a_built_dataset_carries_its_pixel_rule(tmp_path):
     """configs/demo.yaml on a dataset cut from a 16-bit 4-band raster (bands 2,3,4): the model's image
     processor records the rule, which large-area inference then uses by default."""
-    scene = write_scene(tmp_path, "nrgb", height_px=512, width_px=512, seed=4, gsd_m=0.3, num_bands=4,
-                        dtype="uint16")  # fmt: skip
+    scene = write_scene(
+        tmp_path, "nrgb", height_px=512, width_px=512, seed=4, gsd_m=0.3, num_bands=4, dtype="uint16"
+    )
     lines = osm_lines(scene, tmp_path / "lines.geojson")
     out = tmp_path / "dataset"
-    report = build_dataset(BuildOptions(images=[str(scene.image)], labels=[str(lines)], out=str(out), chip_px=64,
-                                        overlap_px=0, bands="2,3,4", scale="fixed:0,65535", split=(0.6, 0.2, 0.2),
-                                        split_block_m=40, seed=0, num_workers=0))  # fmt: skip
+    report = build_dataset(
+        BuildOptions(
+            images=[str(scene.image)],
+            labels=[str(lines)],
+            out=str(out),
+            chip_px=64,
+            overlap_px=0,
+            bands="2,3,4",
+            scale="fixed:0,65535",
+            split=(0.6, 0.2, 0.2),
+            split_block_m=40,
+            seed=0,
+            num_workers=0,
+        )
+    )
     assert all(report["splits"][s]["chips"] >= 2 for s in ("train", "validation", "test")), report["splits"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "scripts" / "train.py"),
-               "--config", "demo.yaml", "--opts", "DATASET.SOURCE", str(out), "SOLVER.MAX_ITER", "3",
-               "SOLVER.WARMUP_ITERS", "1", "TEST.EVAL_PERIOD", "3", "TEST.NUM_PICTURES", "1", "CHECKPOINT.PERIOD", "3",
-               "DATALOADER.BATCH_SIZE", "4", "DATALOADER.BUFFER_BATCHES", "2", "DATALOADER.EVAL_BATCH_SIZE", "2",
-               "INPUT.CROP_SIZE_PX", "64", "MODEL.ASPP_CHANNELS", "16", "MODEL.PROJECT_CHANNELS", "8",
-               "MODEL.DECODER_CHANNELS", "16", "OUTPUT.ROOT", str(tmp_path / "runs"), "OUTPUT.LOG_PERIOD", "1"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "scripts" / "train.py"),
+        "--config",
+        "demo.yaml",
+        "--opts",
+        "DATASET.SOURCE",
+        str(out),
+        "SOLVER.MAX_ITER",
+        "3",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "TEST.EVAL_PERIOD",
+        "3",
+        "TEST.NUM_PICTURES",
+        "1",
+        "CHECKPOINT.PERIOD",
+        "3",
+        "DATALOADER.BATCH_SIZE",
+        "4",
+        "DATALOADER.BUFFER_BATCHES",
+        "2",
+        "DATALOADER.EVAL_BATCH_SIZE",
+        "2",
+        "INPUT.CROP_SIZE_PX",
+        "64",
+        "MODEL.ASPP_CHANNELS",
+        "16",
+        "MODEL.PROJECT_CHANNELS",
+        "8",
+        "MODEL.DECODER_CHANNELS",
+        "16",
+        "OUTPUT.ROOT",
+        str(tmp_path / "runs"),
+        "OUTPUT.LOG_PERIOD",
+        "1",
+    ]
     env = dict(
         os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
     )

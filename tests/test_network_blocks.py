@@ -51,8 +51,16 @@ def test_pieces_meet_at_cut_points_on_the_block_border():
     mask = np.zeros((40, 40), bool)
     mask[18:23, 2:38] = True  # a bar across a vertical block border at column 20
     blocks = block_grid(40, 40, 20, 10)
-    pieces = [clip_to_core(skeleton_graph(skeleton_of(mask[b.window[0] : b.window[1], b.window[2] : b.window[3]]),
-                                          origin=(b.window[0], b.window[2])), b.core) for b in blocks]  # fmt: skip
+    pieces = [
+        clip_to_core(
+            skeleton_graph(
+                skeleton_of(mask[b.window[0] : b.window[1], b.window[2] : b.window[3]]),
+                origin=(b.window[0], b.window[2]),
+            ),
+            b.core,
+        )
+        for b in blocks
+    ]
     ends = [p.coords[p.offsets[1:] - 1] for p in pieces if p.num_edges] + [
         p.coords[p.offsets[:-1]] for p in pieces if p.num_edges
     ]

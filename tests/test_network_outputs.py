@@ -33,9 +33,17 @@ def _script(name):
 def _write(path, array, crs="EPSG:32618", transform=None, nodata=255):
     transform = transform or Affine(0.25, 0, 560_000, 0, -0.25, 4_460_000)
     with rasterio.open(
-        path, "w", driver="GTiff", height=array.shape[0], width=array.shape[1], count=1, dtype=array.dtype,
-        crs=crs, transform=transform, nodata=nodata,
-    ) as dst:  # fmt: skip
+        path,
+        "w",
+        driver="GTiff",
+        height=array.shape[0],
+        width=array.shape[1],
+        count=1,
+        dtype=array.dtype,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+    ) as dst:
         dst.write(array[None])
     return path
 
@@ -147,8 +155,21 @@ def test_score_network_cli_prints_and_writes_the_scores(scene, tmp_path, capsys)
     summary = vectorize_raster(scene.truth_mask, tmp_path, None)
     cli = _script("score_network")
     out = tmp_path / "scores.json"
-    code = cli.main([summary["centerlines"], str(scene.centerlines), "--buffer-m", "1", "2", "--json", str(out),
-                     "--pred-mask", str(scene.truth_mask), "--truth-mask", str(scene.truth_mask)])  # fmt: skip
+    code = cli.main(
+        [
+            summary["centerlines"],
+            str(scene.centerlines),
+            "--buffer-m",
+            "1",
+            "2",
+            "--json",
+            str(out),
+            "--pred-mask",
+            str(scene.truth_mask),
+            "--truth-mask",
+            str(scene.truth_mask),
+        ]
+    )
     assert code == 0
     scores = json.loads(out.read_text())
     assert set(scores["buffers"]) == {"1", "2"} and scores["cldice"] == pytest.approx(1.0)

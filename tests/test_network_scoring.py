@@ -106,11 +106,16 @@ def test_files_in_different_crs_are_compared_in_one_metric_frame(tmp_path):
     pred = {
         "type": "FeatureCollection",  # RFC 7946: lon/lat, no crs member
         "features": [
-            {"type": "Feature", "properties": {},
-             "geometry": shapely.geometry.mapping(shapely.transform(g, lambda xy: np.column_stack(to_wgs84.transform(xy[:, 0], xy[:, 1]))))}
+            {
+                "type": "Feature",
+                "properties": {},
+                "geometry": shapely.geometry.mapping(
+                    shapely.transform(g, lambda xy: np.column_stack(to_wgs84.transform(xy[:, 0], xy[:, 1])))
+                ),
+            }
             for g in grid
         ],
-    }  # fmt: skip
+    }
     (tmp_path / "truth.geojson").write_text(json.dumps(truth))
     (tmp_path / "pred.geojson").write_text(json.dumps(pred))
     lines, crs = read_lines(tmp_path / "pred.geojson")

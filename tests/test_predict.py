@@ -27,8 +27,13 @@ from sidewalk_hf.inference.windows import blend_weights, window_starts
 
 REPO = Path(__file__).resolve().parents[1]
 PREDICT = [sys.executable, str(REPO / "scripts" / "predict.py")]
-TINY = {"backbone": "test_resnet", "res5_multi_grid": [1], "aspp_channels": 16, "project_channels": 8,
-        "decoder_channels": 16}  # fmt: skip
+TINY = {
+    "backbone": "test_resnet",
+    "res5_multi_grid": [1],
+    "aspp_channels": 16,
+    "project_channels": 8,
+    "decoder_channels": 16,
+}
 WINDOW = 64
 
 
@@ -240,10 +245,26 @@ def test_a_failing_input_is_recorded_and_the_others_finish(model_dir, scenes, tm
     broken.write_bytes(b"II*\x00" + os.urandom(2000))
     out = tmp_path / "out"
     result = subprocess.run(
-        [*PREDICT, "--model", str(model_dir), "--input", str(broken), str(scenes["feet"].image), "--out", str(out),
-         "--num-workers", "0", "--device", "cpu", "--no-vectors"],
-        check=False, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            *PREDICT,
+            "--model",
+            str(model_dir),
+            "--input",
+            str(broken),
+            str(scenes["feet"].image),
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-vectors",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr
     assert f"FAILED {broken.resolve()}" in result.stderr
     manifest = json.loads((out / "run.json").read_text())
@@ -269,9 +290,25 @@ def test_a_run_killed_and_resumed_gives_the_same_files(model_dir, tmp_path):
     ]
     _predict(model_dir, inputs, tmp_path / "straight")
     out = tmp_path / "killed"
-    command = [*PREDICT, "--model", str(model_dir), "--input", *map(str, inputs), "--out", str(out), "--window-px",
-               str(WINDOW), "--batch-size", "4", "--num-workers", "0", "--write-probs", "--device", "cpu",
-               "--no-vectors"]  # fmt: skip
+    command = [
+        *PREDICT,
+        "--model",
+        str(model_dir),
+        "--input",
+        *map(str, inputs),
+        "--out",
+        str(out),
+        "--window-px",
+        str(WINDOW),
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--write-probs",
+        "--device",
+        "cpu",
+        "--no-vectors",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -303,12 +340,42 @@ def test_two_processes_under_accelerate_launch_equal_one(model_dir, scenes, tmp_
         out = tmp_path / name
         env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
         subprocess.run(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "1", "--main_process_port", str(29700 + os.getpid() % 200), "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "scripts" / "predict.py"),
-             "--model", str(model_dir), "--input", *map(str, inputs), "--out", str(out), "--window-px", str(WINDOW),
-             "--batch-size", "4", "--num-workers", "0", "--write-probs", "--no-vectors"],
-            check=True, timeout=400, env=env, capture_output=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--main_process_port",
+                str(29700 + os.getpid() % 200),
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                str(REPO / "scripts" / "predict.py"),
+                "--model",
+                str(model_dir),
+                "--input",
+                *map(str, inputs),
+                "--out",
+                str(out),
+                "--window-px",
+                str(WINDOW),
+                "--batch-size",
+                "4",
+                "--num-workers",
+                "0",
+                "--write-probs",
+                "--no-vectors",
+            ],
+            check=True,
+            timeout=400,
+            env=env,
+            capture_output=True,
+        )
         manifest = json.loads((out / "run.json").read_text())
         assert manifest["num_processes"] == 2 and manifest["summary"]["ok"] == len(inputs)
         for kind in ("mask", "prob"):
@@ -350,6 +417,11 @@ def test_inference_options_come_from_the_config_and_a_wrong_key_is_named(model_d
         [*common, "--config", str(config), "--device", "cpu"], check=True, capture_output=True, timeout=300
     )
     assert json.loads((out / "run.json").read_text())["parameters"]["window_px"] == 48
-    wrong = subprocess.run([*common, "--opts", "INFERENCE.BLND", "gaussian"], check=False, capture_output=True,
-                           text=True, timeout=120)  # fmt: skip
+    wrong = subprocess.run(
+        [*common, "--opts", "INFERENCE.BLND", "gaussian"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert wrong.returncode == 2 and "INFERENCE.BLEND" in wrong.stderr

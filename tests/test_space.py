@@ -42,10 +42,22 @@ from sidewalk_hf.space import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"backbone": "test_resnet", "res5_multi_grid": [1], "aspp_channels": 16, "decoder_channels": 16,
-        "project_channels": 8}  # fmt: skip
-RESULTS = {"validation": {"mean_iou": 0.7, "background_iou": 0.9, "sidewalk_iou": 0.5, "pixel_accuracy": 0.95,
-                          "per_category_accuracy": [0.97, 0.6]}}  # fmt: skip
+TINY = {
+    "backbone": "test_resnet",
+    "res5_multi_grid": [1],
+    "aspp_channels": 16,
+    "decoder_channels": 16,
+    "project_channels": 8,
+}
+RESULTS = {
+    "validation": {
+        "mean_iou": 0.7,
+        "background_iou": 0.9,
+        "sidewalk_iou": 0.5,
+        "pixel_accuracy": 0.95,
+        "per_category_accuracy": [0.97, 0.6],
+    }
+}
 
 
 def _pinned_requirements() -> dict[str, Requirement]:

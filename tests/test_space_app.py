@@ -43,8 +43,13 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-TINY = {"backbone": "test_resnet", "res5_multi_grid": [1], "aspp_channels": 16, "decoder_channels": 16,
-        "project_channels": 8}  # fmt: skip
+TINY = {
+    "backbone": "test_resnet",
+    "res5_multi_grid": [1],
+    "aspp_channels": 16,
+    "decoder_channels": 16,
+    "project_channels": 8,
+}
 SERVER_START_TIMEOUT_S = 120
 pytestmark = pytest.mark.slow  # each module launches the app (and a browser) once
 

@@ -156,8 +156,22 @@ def test_command_line_writes_the_dataset(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
 
-    script.main(["--out", str(tmp_path / "cli"), "--train", "3", "--validation", "1", "--test", "0", "--size", "64",
-                 "--num-shards", "2"])  # fmt: skip
+    script.main(
+        [
+            "--out",
+            str(tmp_path / "cli"),
+            "--train",
+            "3",
+            "--validation",
+            "1",
+            "--test",
+            "0",
+            "--size",
+            "64",
+            "--num-shards",
+            "2",
+        ]
+    )
 
     assert sorted(p.name for p in (tmp_path / "cli" / "data").iterdir()) == [
         "train-00000-of-00002.parquet",

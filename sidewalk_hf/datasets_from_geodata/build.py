@@ -189,15 +189,17 @@ def run_unit(unit: dict) -> dict:
                 col, row = int(window.col_off), int(window.row_off)
                 cell = f"{Path(name).stem}_c{col}_r{row}"
                 record = {
-                    "image": {"bytes": encode_image(pixels, context.image_format),
-                              "path": f"{cell}.{'jpg' if context.image_format == 'jpeg' else 'png'}"},
+                    "image": {
+                        "bytes": encode_image(pixels, context.image_format),
+                        "path": f"{cell}.{'jpg' if context.image_format == 'jpeg' else 'png'}",
+                    },
                     "mask": {"bytes": encode_mask(mask), "path": f"{cell}.mask.png"},
                     "crs": crs_text,
                     "transform": list(tuple(chip_transform)[:6]),
                     "source": name,
                     "window": [col, row, shape[1], shape[0]],
                     "gsd_m": info["gsd_m"],
-                }  # fmt: skip
+                }
                 lon, lat = to_wgs84.transform(xs[[0, 2, 4, 6, 0]], ys[[0, 2, 4, 6, 0]])
                 outline = [[round(float(a), 9), round(float(b), 9)] for a, b in zip(lon, lat)]
                 properties = {
@@ -212,8 +214,14 @@ def run_unit(unit: dict) -> dict:
         writer.abort()
         shutil.rmtree(staging, ignore_errors=True)
         return {"id": unit["id"], "raster": unit["raster"], "status": "failed", "error": f"{error}"}
-    result = {"id": unit["id"], "raster": unit["raster"], "status": "done", "splits": counts,
-              "skipped": dict(skipped), "peak_rss_mib": _peak_rss_mib()}  # fmt: skip
+    result = {
+        "id": unit["id"],
+        "raster": unit["raster"],
+        "status": "done",
+        "splits": counts,
+        "skipped": dict(skipped),
+        "peak_rss_mib": _peak_rss_mib(),
+    }
     (staging / "done.json").write_text(json.dumps(result) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
@@ -255,8 +263,9 @@ def _inspect_raster(path: Path, rule: PixelRule, region_layers, options: BuildOp
                     "error": f"data type {dtype}: give a scaling rule (--scale fixed:LO,HI or percentiles:P,Q)"
                 }
             frame = metric_frame(src.crs, src.transform, src.width, src.height)
-            region = RasterLabels.for_area([], region_layers, src.crs, src.transform, src.width, src.height,
-                                           tuple(src.bounds))  # fmt: skip
+            region = RasterLabels.for_area(
+                [], region_layers, src.crs, src.transform, src.width, src.height, tuple(src.bounds)
+            )
             if not region.has_labelled_area:
                 return {"error": "no overlap with the labels' annotated region"}
             chip_m = options.chip_px * frame.pixel_size_m
@@ -319,10 +328,14 @@ def build_dataset(options: BuildOptions, *, resume: bool = False, overwrite: boo
 
     try:
         layers = [
-            read_label_layer(p, width_field=options.width_field, line_width_m=options.line_width_m,
-                             where=options.labels_where or None)
+            read_label_layer(
+                p,
+                width_field=options.width_field,
+                line_width_m=options.line_width_m,
+                where=options.labels_where or None,
+            )
             for p in options.labels
-        ]  # fmt: skip
+        ]
         region_layers = (
             [read_region_layer(options.label_region)]
             if options.label_region
@@ -376,9 +389,13 @@ def build_dataset(options: BuildOptions, *, resume: bool = False, overwrite: boo
             raise BuildError(str(error)) from None
         first = next(iter(rasters.values()))
         split_plan = SplitPlan(
-            fractions=tuple(options.split), seed=options.seed, by=options.split_by,
-            block_m=options.split_block_m, frame_crs_wkt=first["metric_crs_wkt"], frame_unit_m=first["unit_m"],
-        )  # fmt: skip
+            fractions=tuple(options.split),
+            seed=options.seed,
+            by=options.split_by,
+            block_m=options.split_block_m,
+            frame_crs_wkt=first["metric_crs_wkt"],
+            frame_unit_m=first["unit_m"],
+        )
         build_dir.mkdir(parents=True, exist_ok=True)
         plan = {
             "options": options.content_dict(),
@@ -396,10 +413,26 @@ def build_dataset(options: BuildOptions, *, resume: bool = False, overwrite: boo
     for raster_index, (path, info) in enumerate(rasters.items()):
         grid = ChipGrid(info["height"], info["width"], options.chip_px, options.overlap_px)
         for r0, r1 in grid.row_bands(options.chips_per_unit):
-            units.append({"id": f"{raster_index:05d}-{r0:05d}", "raster": path, "r0": r0, "r1": r1,
-                          "chips": (r1 - r0) * len(grid.col_starts)})  # fmt: skip
-    context = _Context(layers, region_layers, rule, split_plan, options.chip_px, options.overlap_px,
-                       options.image_format, units_dir, rasters)  # fmt: skip
+            units.append(
+                {
+                    "id": f"{raster_index:05d}-{r0:05d}",
+                    "raster": path,
+                    "r0": r0,
+                    "r1": r1,
+                    "chips": (r1 - r0) * len(grid.col_starts),
+                }
+            )
+    context = _Context(
+        layers,
+        region_layers,
+        rule,
+        split_plan,
+        options.chip_px,
+        options.overlap_px,
+        options.image_format,
+        units_dir,
+        rasters,
+    )
     units_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for unit in units:
@@ -409,8 +442,13 @@ def build_dataset(options: BuildOptions, *, resume: bool = False, overwrite: boo
     pending = [u for u in units if u["id"] not in results]
     logger.info(
         "%d rasters (%d left out), %d units of work (%d already done), %d chip positions; %s",
-        len(rasters), len(bad), len(units), len(results), sum(u["chips"] for u in units), rule.describe(),
-    )  # fmt: skip
+        len(rasters),
+        len(bad),
+        len(units),
+        len(results),
+        sum(u["chips"] for u in units),
+        rule.describe(),
+    )
     work_started = time.time()
     for result in _run_units(pending, context, options.num_workers):
         results[result["id"]] = result

@@ -20,8 +20,13 @@ CARD_FILE = "README.md"
 
 def size_category(num_examples: int) -> str:
     """The Hub's ``size_categories`` bucket."""
-    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
-                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):  # fmt: skip
+    for limit, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+    ):
         if num_examples < limit:
             return name
     return "10M<n<100M"

@@ -74,14 +74,28 @@ def options_from_config(section) -> BuildOptions:  # noqa: F821 (imported lazily
     from .build import BuildOptions
 
     return BuildOptions(
-        images=list(section.IMAGES), labels=list(section.LABELS), out=section.OUT,
-        chip_px=section.CHIP_SIZE_PX, overlap_px=section.OVERLAP_PX, bands=section.BANDS or None,
-        scale=section.SCALE or "none", image_format=section.IMAGE_FORMAT, width_field=section.WIDTH_FIELD,
-        line_width_m=section.LINE_WIDTH_M, labels_where=section.LABELS_WHERE, label_region=section.LABEL_REGION,
-        split=tuple(section.SPLIT), split_by=section.SPLIT_BY, split_block_m=section.SPLIT_BLOCK_M,
-        seed=section.SEED, license=section.LICENSE, label_source=section.LABEL_SOURCE,
-        label_license=section.LABEL_LICENSE, pretty_name=section.PRETTY_NAME, num_workers=section.NUM_WORKERS,
-    )  # fmt: skip
+        images=list(section.IMAGES),
+        labels=list(section.LABELS),
+        out=section.OUT,
+        chip_px=section.CHIP_SIZE_PX,
+        overlap_px=section.OVERLAP_PX,
+        bands=section.BANDS or None,
+        scale=section.SCALE or "none",
+        image_format=section.IMAGE_FORMAT,
+        width_field=section.WIDTH_FIELD,
+        line_width_m=section.LINE_WIDTH_M,
+        labels_where=section.LABELS_WHERE,
+        label_region=section.LABEL_REGION,
+        split=tuple(section.SPLIT),
+        split_by=section.SPLIT_BY,
+        split_block_m=section.SPLIT_BLOCK_M,
+        seed=section.SEED,
+        license=section.LICENSE,
+        label_source=section.LABEL_SOURCE,
+        label_license=section.LABEL_LICENSE,
+        pretty_name=section.PRETTY_NAME,
+        num_workers=section.NUM_WORKERS,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

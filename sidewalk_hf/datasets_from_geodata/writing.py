@@ -248,6 +248,13 @@ def contact_sheet(chips: list[tuple[np.ndarray, np.ndarray]], path: Path) -> Non
             pixels = np.repeat(pixels[..., None], 3, axis=2)
         elif pixels.shape[2] == 2:
             pixels = np.repeat(pixels[..., :1], 3, axis=2)
-        shown.append(Chip(image=np.ascontiguousarray(pixels[..., :3]), mask=mask, centerlines=[], sidewalk_px=0,
-                          hidden_sidewalk_px=0))  # fmt: skip
+        shown.append(
+            Chip(
+                image=np.ascontiguousarray(pixels[..., :3]),
+                mask=mask,
+                centerlines=[],
+                sidewalk_px=0,
+                hidden_sidewalk_px=0,
+            )
+        )
     _contact_sheet(shown, path)

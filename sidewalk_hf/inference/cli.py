@@ -93,11 +93,19 @@ def main(argv: list[str] | None = None) -> int:
             rule=PixelRule.parse(inf.BANDS or None, inf.SCALE or None),
         )
         manifest = predict_rasters(
-            args.model, args.input, args.out, options, engine=inf.ENGINE, resume=args.resume,
-            overwrite=args.overwrite, device=args.device, optimize=inf.OPTIMIZE,
-            ray_address=inf.RAY_ADDRESS or None, ray_num_actors=inf.RAY_NUM_ACTORS,
+            args.model,
+            args.input,
+            args.out,
+            options,
+            engine=inf.ENGINE,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            device=args.device,
+            optimize=inf.OPTIMIZE,
+            ray_address=inf.RAY_ADDRESS or None,
+            ray_num_actors=inf.RAY_NUM_ACTORS,
             command=[sys.executable, *sys.argv],
-        )  # fmt: skip
+        )
     except (ConfigError, RasterInputError, OutputFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -40,9 +40,17 @@ class _PartActor:
             try:
                 entry = predict_part(self.model, part, plan, self.options, self.out_dir)
             except Exception as error:  # noqa: BLE001 - recorded in the manifest, never fatal to the job
-                entry = {"part": part.key, "path": part.path, "y0": part.y0, "y1": part.y1, "status": "failed",
-                         "error": f"{type(error).__name__}: {error}", "windows_run": 0, "windows_nodata": 0,
-                         "seconds": 0.0}  # fmt: skip
+                entry = {
+                    "part": part.key,
+                    "path": part.path,
+                    "y0": part.y0,
+                    "y1": part.y1,
+                    "status": "failed",
+                    "error": f"{type(error).__name__}: {error}",
+                    "windows_run": 0,
+                    "windows_nodata": 0,
+                    "seconds": 0.0,
+                }
             entry["parts_in_input"] = part.parts_in_input
             results.append(json.dumps(entry))
         return {"entry": results}

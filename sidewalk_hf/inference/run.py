@@ -259,9 +259,16 @@ def predict_rasters(
         from .ray_engine import run_parts_on_ray
 
         part_entries = run_parts_on_ray(
-            [p for p, _ in all_parts], plans, model_ref, options, out_dir, device=device, optimize=optimize,
-            address=ray_address, num_actors=ray_num_actors,
-        )  # fmt: skip
+            [p for p, _ in all_parts],
+            plans,
+            model_ref,
+            options,
+            out_dir,
+            device=device,
+            optimize=optimize,
+            address=ray_address,
+            num_actors=ray_num_actors,
+        )
     else:
         share = _assign(all_parts, world)[rank]
         part_entries = _run_share(model, share, plans, options, out_dir, rank, world, parameters)
@@ -283,12 +290,18 @@ def predict_rasters(
     kinds = ["mask"] + (["prob"] if options.write_probs else [])
     for path, pieces_done in by_input.items():
         plan = plans[path]
-        entry = {"path": path, "stem": plan.stem, "width": plan.width, "height": plan.height,
-                 "crs": str(plan.profile["crs"]) if plan.profile["crs"] else None,
-                 "transform": list(plan.profile["transform"])[:6], "warnings": plan.warnings,
-                 "windows_run": sum(e["windows_run"] for e in pieces_done),
-                 "windows_nodata": sum(e["windows_nodata"] for e in pieces_done),
-                 "seconds": round(sum(e["seconds"] for e in pieces_done), 3)}  # fmt: skip
+        entry = {
+            "path": path,
+            "stem": plan.stem,
+            "width": plan.width,
+            "height": plan.height,
+            "crs": str(plan.profile["crs"]) if plan.profile["crs"] else None,
+            "transform": list(plan.profile["transform"])[:6],
+            "warnings": plan.warnings,
+            "windows_run": sum(e["windows_run"] for e in pieces_done),
+            "windows_nodata": sum(e["windows_nodata"] for e in pieces_done),
+            "seconds": round(sum(e["seconds"] for e in pieces_done), 3),
+        }
         failed = [e for e in pieces_done if e["status"] != "ok"]
         if failed:
             entry.update(status="failed", error="; ".join(e["error"] for e in failed))
@@ -348,8 +361,15 @@ def _run_share(model, share, plans, options, out_dir, rank, world, parameters) -
         out_dir / f"run.part-{rank}-{time.time_ns()}.json"
     )  # a resumed run keeps the killed run's files
     done: dict[str, dict] = {}
-    total = sum(_part_windows(p, WindowGrid.for_raster(plans[p.path].height, plans[p.path].width, options.window_px,
-                                                         options.stride_fraction)) for p in share)  # fmt: skip
+    total = sum(
+        _part_windows(
+            p,
+            WindowGrid.for_raster(
+                plans[p.path].height, plans[p.path].width, options.window_px, options.stride_fraction
+            ),
+        )
+        for p in share
+    )
     started = time.perf_counter()
     with tqdm(
         total=total, unit="chip", desc=f"predict [{rank}/{world}]", position=rank, dynamic_ncols=True
