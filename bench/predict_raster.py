@@ -247,7 +247,7 @@ def main():
     )
     parser.add_argument("--backbone", help="a random model of this timm backbone instead of the demo run's")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--num-workers", type=int, default=-1, help="-1: predict's default for the device")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--size-px", type=int, default=1024, help="side of the throughput scene")
     parser.add_argument("--repeats", type=int, default=3)

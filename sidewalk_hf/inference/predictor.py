@@ -45,7 +45,7 @@ class InferenceOptions:
     stride_fraction: float = 0.75
     blend: str = "cosine"
     batch_size: int = 8
-    num_workers: int = 2
+    num_workers: int = -1  # -1: none on a CPU, min(4, half the cores) on a GPU
     dtype: str = "fp32"
     write_probs: bool = False
     rule: PixelRule = field(default_factory=PixelRule)
@@ -240,7 +240,7 @@ def predict_part(
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
-        num_workers=min(options.num_workers, len(dataset)),
+        num_workers=max(0, min(options.num_workers, len(dataset))),
         pin_memory=model.device.type == "cuda",
         persistent_workers=False,
     )

@@ -176,6 +176,10 @@ def predict_rasters(
     if options.rule.bands is None and options.rule.scale == "none" and model.pixel_rule:
         options = replace(options, rule=PixelRule.from_dict(model.pixel_rule))
         logger.info("pixel rule from the model: %s", options.rule.describe())
+    if options.num_workers < 0:
+        options = replace(
+            options, num_workers=0 if model.device.type == "cpu" else min(4, (os.cpu_count() or 2) // 2)
+        )
     if not options.window_px:
         if model.training_chip_px is None:
             logger.warning(
