@@ -9,15 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-def chip_starts(length: int, chip_px: int, stride_px: int) -> list[int]:
-    """Starts along one axis: 0, stride, 2 stride, ... and a last chip flush with the end."""
-    if chip_px >= length:
-        return [0]
-    starts = list(range(0, length - chip_px, stride_px))
-    if starts[-1] != length - chip_px:
-        starts.append(length - chip_px)
-    return starts
+# The one rule for windows along an axis, shared with inference's sliding windows.
+from ..inference.windows import window_starts as chip_starts
 
 
 @dataclass(frozen=True)
