@@ -35,7 +35,8 @@ bench: venv
 	HF_HUB_OFFLINE=1 $(PY) bench/predict_raster.py
 
 lint: venv
-	$(VENV)/bin/ruff check sidewalk_hf scripts tests bench
+	$(VENV)/bin/ruff check sidewalk_hf scripts tests bench space
+	$(VENV)/bin/ruff format --check sidewalk_hf scripts tests bench space
 
 clean:
 	rm -rf $(VENV) runs data/synthetic .pytest_cache
