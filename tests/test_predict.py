@@ -70,6 +70,26 @@ def _predict(model_dir, inputs, out, **kwargs):
     return predict_rasters(str(model_dir), [str(i) for i in inputs], out, options, device="cpu", **kwargs)
 
 
+def _predict_args(model_dir, inputs, out) -> list[str]:
+    """scripts/predict.py's arguments for the in-process ``_options()`` defaults, vectors off."""
+    return [
+        "--model",
+        str(model_dir),
+        "--input",
+        *map(str, inputs),
+        "--out",
+        str(out),
+        "--window-px",
+        str(WINDOW),
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--write-probs",
+        "--no-vectors",
+    ]
+
+
 def _read(path):
     with rasterio.open(path) as src:
         return src.read(1), src.profile, src.tags()
@@ -290,25 +310,7 @@ def test_a_run_killed_and_resumed_gives_the_same_files(model_dir, tmp_path):
     ]
     _predict(model_dir, inputs, tmp_path / "straight")
     out = tmp_path / "killed"
-    command = [
-        *PREDICT,
-        "--model",
-        str(model_dir),
-        "--input",
-        *map(str, inputs),
-        "--out",
-        str(out),
-        "--window-px",
-        str(WINDOW),
-        "--batch-size",
-        "4",
-        "--num-workers",
-        "0",
-        "--write-probs",
-        "--device",
-        "cpu",
-        "--no-vectors",
-    ]
+    command = [*PREDICT, *_predict_args(model_dir, inputs, out), "--device", "cpu"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -356,20 +358,7 @@ def test_two_processes_under_accelerate_launch_equal_one(model_dir, scenes, tmp_
                 "--dynamo_backend",
                 "no",
                 str(REPO / "scripts" / "predict.py"),
-                "--model",
-                str(model_dir),
-                "--input",
-                *map(str, inputs),
-                "--out",
-                str(out),
-                "--window-px",
-                str(WINDOW),
-                "--batch-size",
-                "4",
-                "--num-workers",
-                "0",
-                "--write-probs",
-                "--no-vectors",
+                *_predict_args(model_dir, inputs, out),
             ],
             check=True,
             timeout=400,
