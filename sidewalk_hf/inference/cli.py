@@ -64,17 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ..geo.raster import PixelRule, RasterInputError
-    from ..training.config import ConfigError, load_config
+    from ..training.config import ConfigError, flag_overrides, load_config
     from .predictor import InferenceOptions
     from .run import OutputFolderError, predict_rasters
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    overrides = []
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            overrides += [key, str(value)]
+    overrides = flag_overrides(args, FLAG_KEYS)
     if args.write_probs:
         overrides += ["INFERENCE.WRITE_PROBS", "true"]
     if args.no_vectors:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .config import flag_overrides
+
 # Dedicated flags and the config key each one sets.
 FLAG_KEYS = {
     "weights_path": "MODEL.WEIGHTS",
@@ -40,11 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.cli_overrides = []
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            args.cli_overrides += [key, str(value)]
+    args.cli_overrides = flag_overrides(args, FLAG_KEYS)
     if args.resume and args.cli_overrides:
         parser.error("--resume continues a run with its own config; change keys with --opts if you must")
     return args

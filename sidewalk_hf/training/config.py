@@ -409,6 +409,16 @@ def load_config(config: str | Path | None = None, opts: list[str] | None = None)
     return cfg
 
 
+def flag_overrides(args, flag_keys: dict[str, str]) -> list[str]:
+    """``KEY VALUE`` pairs for the dedicated command-line flags that were given (``flag -> config key``)."""
+    overrides: list[str] = []
+    for flag, key in flag_keys.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides += [key, str(value)]
+    return overrides
+
+
 def _dotted(key: str, value: Any) -> dict:
     nested: dict = {}
     node = nested
