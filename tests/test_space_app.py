@@ -51,6 +51,9 @@ TINY = {
     "project_channels": 8,
 }
 SERVER_START_TIMEOUT_S = 120
+UPLOAD_TIMEOUT_MS = 30_000  # the name shows at once on a quiet machine
+UPLOAD_ATTEMPTS = 3
+APP_LOGS: dict[str, Path] = {}  # each launched app's log, by its URL
 pytestmark = pytest.mark.slow  # each module launches the app (and a browser) once
 
 
@@ -92,6 +95,7 @@ def app_url(tiny_model_dir, tmp_path_factory):
             [sys.executable, str(APP)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}/"
+    APP_LOGS[url] = log_path
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     try:
         while True:
@@ -282,15 +286,41 @@ def browser():
 @pytest.fixture
 def page(browser, app_url):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.goto(app_url)
+    page.app_url = app_url
+    page.console_messages = []  # what the page logged, for a failure's message
+    page.on("console", lambda message: page.console_messages.append(f"{message.type}: {message.text}"))
+    page.on("requestfailed", lambda request: page.console_messages.append(f"failed: {request.url}"))
+    page.goto(app_url, wait_until="load")
     page.wait_for_selector("#run", timeout=60_000)
+    page.wait_for_selector("#upload input[type=file]", state="attached", timeout=60_000)
     yield page
     page.close()
 
 
 def _upload_and_run(page, path: Path) -> None:
-    page.set_input_files("#upload input[type=file]", str(path))
-    page.wait_for_selector(f"#upload :text('{path.name}')", timeout=30_000)
+    """Choose the file in the upload box as a visitor does and press the button.
+
+    The upload box shows the file's name as soon as it takes the file ("Uploading 1 file..."). While the
+    page is still settling on a loaded machine, the box can re-render and drop a file chosen a moment
+    before: then nothing shows, and the file is chosen again, as a visitor would. A file that never shows
+    is reported with what the page and the server said."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    for _attempt in range(UPLOAD_ATTEMPTS):
+        page.set_input_files("#upload input[type=file]", str(path))
+        try:
+            page.wait_for_selector(f"#upload :text('{path.name}')", timeout=UPLOAD_TIMEOUT_MS)
+            break
+        except PlaywrightTimeoutError:
+            continue
+    else:
+        pytest.fail(
+            f"{path.name} did not show in the upload box, chosen {UPLOAD_ATTEMPTS} times "
+            f"{UPLOAD_TIMEOUT_MS / 1000:.0f} s apart.\n"
+            f"upload box: {page.inner_html('#upload')[:2000]}\n"
+            "page log:\n" + "\n".join(page.console_messages[-40:]) + "\n"
+            f"server log:\n{APP_LOGS[page.app_url].read_text()[-3000:]}"
+        )
     page.click("#run")
 
 
