@@ -1,29 +1,33 @@
 """Sidewalk segmentation from aerial image chips: DeepLabV3+ as a transformers model.
 
-Importing the package registers the model with transformers' Auto classes (so `AutoModel.from_pretrained` on a
-saved folder uses this code without `trust_remote_code`) and marks the classes for export as remote code (so
-`save_pretrained` writes the model files and `auto_map` beside the weights, for loading where this package is
-not installed).
+The model, its image processor and its layers are imported on first use (``from sidewalk_hf import
+SidewalkDeepLabConfig``), so that ``import sidewalk_hf`` and the parts that need no model (the vector stage,
+the geodata tools, the configuration) never import torch or transformers. Importing a model class registers
+it with transformers' Auto classes (so ``AutoModel.from_pretrained`` on a saved folder uses this code without
+``trust_remote_code``) and marks it for export as remote code (so ``save_pretrained`` writes the model files
+and ``auto_map`` beside the weights, for loading where this package is not installed): see
+``auto_classes.py``.
 """
 
+from __future__ import annotations
+
 import os
+import sys
+from typing import TYPE_CHECKING
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForSemanticSegmentation,
-)
+from .auto_classes import REGISTER_AFTER_IMPORT, ModelRegisteringPackage, model_module_imported
+from .lazy_exports import lazy_exports
 
-from .configuration_sidewalk_deeplab import SidewalkDeepLabConfig
-from .image_processing_sidewalk_deeplab import SidewalkImageProcessor
-from .modeling_sidewalk_deeplab import (
-    ASPP,
-    SidewalkDeepLabForSemanticSegmentation,
-    WeightedDeepLabHead,
-    convert_batchnorm_to_sync,
-    hard_pixel_mining_cross_entropy,
-)
+if TYPE_CHECKING:
+    from .configuration_sidewalk_deeplab import SidewalkDeepLabConfig
+    from .image_processing_sidewalk_deeplab import SidewalkImageProcessor
+    from .modeling_sidewalk_deeplab import (
+        ASPP,
+        SidewalkDeepLabForSemanticSegmentation,
+        WeightedDeepLabHead,
+        convert_batchnorm_to_sync,
+        hard_pixel_mining_cross_entropy,
+    )
 
 __all__ = [
     "ASPP",
@@ -36,18 +40,23 @@ __all__ = [
     "save_pretrained_with_processor",
 ]
 
-AutoConfig.register(SidewalkDeepLabConfig.model_type, SidewalkDeepLabConfig, exist_ok=True)
-AutoModel.register(SidewalkDeepLabConfig, SidewalkDeepLabForSemanticSegmentation, exist_ok=True)
-AutoModelForSemanticSegmentation.register(
-    SidewalkDeepLabConfig, SidewalkDeepLabForSemanticSegmentation, exist_ok=True
-)
-AutoImageProcessor.register(
-    SidewalkDeepLabConfig, image_processor_classes={"torchvision": SidewalkImageProcessor}, exist_ok=True
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "ASPP": ".modeling_sidewalk_deeplab",
+        "SidewalkDeepLabConfig": ".configuration_sidewalk_deeplab",
+        "SidewalkDeepLabForSemanticSegmentation": ".modeling_sidewalk_deeplab",
+        "SidewalkImageProcessor": ".image_processing_sidewalk_deeplab",
+        "WeightedDeepLabHead": ".modeling_sidewalk_deeplab",
+        "convert_batchnorm_to_sync": ".modeling_sidewalk_deeplab",
+        "hard_pixel_mining_cross_entropy": ".modeling_sidewalk_deeplab",
+    },
 )
 
-SidewalkDeepLabConfig.register_for_auto_class()
-SidewalkDeepLabForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
-SidewalkImageProcessor.register_for_auto_class("AutoImageProcessor")
+sys.modules[__name__].__class__ = ModelRegisteringPackage
+for _name in REGISTER_AFTER_IMPORT:  # already imported: the package is being reloaded
+    if f"{__name__}.{_name}" in sys.modules:
+        model_module_imported(__name__, _name)
 
 
 def save_pretrained_with_processor(

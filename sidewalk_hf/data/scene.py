@@ -28,8 +28,6 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from .synthetic import IGNORE, render_scene
-
 REFERENCE_GSD_M = 0.25  # ground resolution of px = 1 in the chip renderer
 US_SURVEY_FOOT_M = 1200 / 3937
 
@@ -83,6 +81,8 @@ def write_scene(
     import rasterio
     from rasterio.crs import CRS
     from rasterio.transform import Affine
+
+    from .synthetic import IGNORE, render_scene  # the renderer (and its datasets import) only to render
 
     if num_bands not in (3, 4):
         raise ValueError(f"num_bands must be 3 (R, G, B) or 4 (NIR, R, G, B), got {num_bands}")
