@@ -12,11 +12,16 @@ Entry points (the end of ``scripts/predict.py`` calls the first per written mask
     ``num_edges``, ``num_joined``, ``num_components``, ``length_m``, ``num_polygons``, ``num_blocks``,
     ``seconds``.
 
-``vectorize_run(paths, out_dir, cfg=None, threshold=None, *, crs_source=False, workers=None) -> dict``
+``vectorize_run(paths, out_dir, cfg=None, threshold=None, *, crs_source=False, workers=None, engine=None,
+ray_address=None) -> dict``
     Several rasters (tiles) of one run: each is vectorised as above, reading its halo from its neighbours
     (rasters on one grid and CRS are read through a VRT mosaic), and with more than one raster the tiles'
     networks are merged across tile borders into ``run.centerlines.geojson`` / ``run.polygons.geojson``.
-    Writes ``vectors.json`` (the summaries) and returns ``{"tiles": [...], "run": {...} or None}``.
+    Tiles run in this process, in ``workers`` processes (the local engine), or as Ray tasks (``engine
+    "ray"``, ``ray_engine.py``); each engine runs ``run_tile``. With several rasters a tile that fails is
+    recorded (``status`` ``failed`` and its ``error``) and the other tiles and the merge go on; a single
+    raster's error is raised. Writes ``vectors.json`` (the summaries) and returns ``{"tiles": [...], "run":
+    {...} or None, "failed": [tile names], "engine": ...}``.
 
 Pipeline per tile: blocks (core + halo) -> clean (areas in m2 -> px) -> skeleton -> skeleton graph ->
 clip to the core -> merge by exact coordinates -> metric frame (the CRS unit, or local UTM) -> prune spurs
@@ -78,7 +83,10 @@ DEFAULTS = {
     "HALO_M": 32.0,
     "THRESHOLD": 0.5,
     "WORKERS": 1,
+    "ENGINE": "local",
+    "RAY_ADDRESS": "",
 }
+ENGINES = ("local", "ray")
 
 
 def vector_options(cfg=None) -> dict:
@@ -480,7 +488,12 @@ def _tile_job(job: dict) -> dict:
     raw.tile[:] = 0
     network = finish_network(raw, frame, options, params.pixel_size_m)
     polygons_metric = _polygons_to_metric(polygons, frame, options["SIMPLIFY_TOLERANCE_M"])
-    summary = {"tile": job["tile"], "raster": job["raster"], "crs": frame.metric.source_crs.to_string()}
+    summary = {
+        "tile": job["tile"],
+        "raster": job["raster"],
+        "status": "ok",
+        "crs": frame.metric.source_crs.to_string(),
+    }
     summary |= _write_outputs(
         job["stem"],
         Path(job["out_dir"]),
@@ -500,6 +513,35 @@ def _tile_job(job: dict) -> dict:
     return {"summary": summary, "raw": raw, "polygons_metric": polygons_metric}
 
 
+def run_tile(job: dict) -> dict:
+    """One tile of a run of several, on any engine: its result, or its failure as its summary (``status``
+    ``failed``, ``error``) so that one bad tile never ends a run of many."""
+    try:
+        return _tile_job(job)
+    except Exception as error:  # noqa: BLE001 - recorded in vectors.json, named by the CLI
+        failure = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        return {"summary": {"tile": job["tile"], "raster": job["raster"], **failure}, "raw": None}
+
+
+def _run_tiles(jobs: list[dict], engine: str, workers: int, ray_address: str | None) -> list[dict]:
+    """The jobs' results in their order: one raster in this process (its error is raised), several in this
+    process, in ``workers`` spawned processes or as Ray tasks."""
+    if len(jobs) == 1:
+        return [_tile_job(jobs[0])]
+    if engine == "ray":
+        from .ray_engine import run_tiles_on_ray
+
+        return run_tiles_on_ray(jobs, address=ray_address)
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context(_START_METHOD)
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            return list(pool.map(run_tile, jobs))
+    return [run_tile(job) for job in jobs]
+
+
 def vectorize_run(
     paths,
     out_dir,
@@ -509,6 +551,8 @@ def vectorize_run(
     tile_names=None,
     crs_source: bool = False,
     workers: int | None = None,
+    engine: str | None = None,
+    ray_address: str | None = None,
     write_summary: bool = True,
 ) -> dict:
     """Vectorise several rasters of one run and merge their networks (see the module)."""
@@ -522,6 +566,10 @@ def vectorize_run(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = vector_options(cfg)
+    engine = engine or options["ENGINE"]
+    if engine not in ENGINES:
+        raise VectorInputError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+    on_ray = engine == "ray" and len(paths) > 1
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise VectorInputError(f"threshold {threshold} is not a probability in [0, 1]")
     names = list(tile_names) if tile_names else [None] * len(paths)
@@ -529,8 +577,11 @@ def vectorize_run(
     stems = [output_stem(path) for path in paths]
     if len(set(stems)) != len(stems) or len(set(names)) != len(names):
         raise VectorInputError(f"two inputs would write the same outputs: {stems} (tiles {names})")
-    with tempfile.TemporaryDirectory(prefix="sidewalk_mosaic_") as mosaic_dir:  # VRTs live for the run only
-        mosaics = _group_into_mosaics(paths, Path(mosaic_dir))
+    # The VRTs live for the run only; Ray's nodes read them, and the rasters, from the shared output folder.
+    mosaic_parent = out_dir if on_ray else None
+    with tempfile.TemporaryDirectory(prefix=".sidewalk_mosaic_", dir=mosaic_parent) as mosaic_dir:
+        read_paths = [path.resolve() for path in paths] if on_ray else paths
+        mosaics = _group_into_mosaics(read_paths, Path(mosaic_dir))
         jobs = []
         for mosaic, members in mosaics:
             for index, i in enumerate(members):
@@ -543,30 +594,27 @@ def vectorize_run(
                         "raster": str(paths[i]),
                         "tile": names[i],
                         "stem": stems[i],
-                        "out_dir": str(out_dir),
+                        "out_dir": str(out_dir.resolve() if on_ray else out_dir),
                         "crs_source": crs_source,
                         "order": i,
                     }
                 )
         workers = int(workers if workers is not None else options["WORKERS"])
-        if workers > 1 and len(jobs) > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(
-                min(workers, len(jobs)), mp_context=multiprocessing.get_context(_START_METHOD)
-            ) as pool:
-                results = list(pool.map(_tile_job, jobs))
-        else:
-            results = [_tile_job(job) for job in jobs]
+        results = _run_tiles(jobs, engine, workers, ray_address or options["RAY_ADDRESS"] or None)
 
         run_summary = None
-        if len(paths) > 1:
+        if len(paths) > 1 and any(r["raw"] is not None for r in results):
             run_summary = _merge_run(mosaics, jobs, results, names, options, out_dir, crs_source)
         tiles = [
             r["summary"] for _, r in sorted(zip([j["order"] for j in jobs], results), key=lambda x: x[0])
         ]
-    report = {"tiles": tiles, "run": run_summary, "seconds": round(time.perf_counter() - started, 3)}
+    report = {
+        "tiles": tiles,
+        "run": run_summary,
+        "failed": [t["tile"] for t in tiles if t["status"] == "failed"],
+        "engine": engine,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
     if write_summary:
         (out_dir / "vectors.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -580,6 +628,8 @@ def _merge_run(mosaics, jobs, results, names, options, out_dir: Path, crs_source
         frames.append(frame)
         raws = []
         for job, result in zip(jobs, results):
+            if result["raw"] is None:  # a failed tile: the run's network is that of the others
+                continue
             if job["mosaic"] is mosaic or job["mosaic"].path == mosaic.path:
                 raw = result["raw"]
                 raw.tile[:] = job["order"]

@@ -213,6 +213,9 @@ class VectorConfig:
     THRESHOLD: float = 0.5
     # Processes over tiles (several inputs); 1 = this process.
     WORKERS: int = 1
+    # "local" (this process, or WORKERS processes) or "ray" (a task per tile on a Ray cluster).
+    ENGINE: str = "local"
+    RAY_ADDRESS: str = ""
     # scripts/score_network.py: buffer widths, APLS control-point spacing and snapping, junction matching.
     SCORE_BUFFERS_M: list[float] = field(default_factory=lambda: [1.0, 2.0])
     APLS_CONTROL_SPACING_M: float = 5.0
@@ -283,6 +286,7 @@ CHOICES = {
     "INFERENCE.BLEND": ("cosine", "gaussian", "none"),
     "INFERENCE.DTYPE": ("fp32", "bf16"),
     "INFERENCE.ENGINE": ("local", "ray"),
+    "VECTOR.ENGINE": ("local", "ray"),
     "DATASET_BUILD.SPLIT_BY": ("block", "raster"),
     "DATASET_BUILD.IMAGE_FORMAT": ("png", "jpeg"),
 }
