@@ -199,6 +199,7 @@ def _indexed_split(root: Path, num_chips: int, chips_per_file: int) -> Path:
 
 
 def shuffle_quality(args, root: Path) -> list[dict]:
+    """Both measures per mechanism, averaged over ``--shuffle-epochs`` passes (each pass reshuffles)."""
     from sidewalk_hf.data import SegmentationStream, make_dataloader
 
     source = _indexed_split(root / "indexed", args.chips, args.chips_per_file)
@@ -209,19 +210,35 @@ def shuffle_quality(args, root: Path) -> list[dict]:
             buffer_batches=args.buffer_batches, scale_range=(1.0, 1.0), flips=False, color_jitter=0.0,
             read_plan=read_plan, **IDENTITY,
         )  # fmt: skip
-        batches = []
-        for batch in make_dataloader(stream):
-            pixels = batch["pixel_values"][:, :, 0, 0].long()
-            batches.append((pixels[:, 0] + 256 * pixels[:, 1]).tolist())
-        order = np.array([i for batch in batches for i in batch])
-        pass_position = np.empty(args.chips)
-        pass_position[order] = np.arange(len(order))
-        used = np.sort(order)
-        correlation = abs(np.corrcoef(used, pass_position[used])[0, 1])
-        files = [len({i // args.chips_per_file for i in batch}) for batch in batches]
-        rows.append({"mechanism": name, "correlation": correlation, "files_per_batch": float(np.mean(files)),
+        correlations, files = [], []
+        for epoch in range(args.shuffle_epochs):
+            stream.set_epoch(epoch)
+            batches = []
+            for batch in make_dataloader(stream):
+                pixels = batch["pixel_values"][:, :, 0, 0].long()
+                batches.append((pixels[:, 0] + 256 * pixels[:, 1]).tolist())
+            order = np.array([i for batch in batches for i in batch])
+            pass_position = np.empty(args.chips)
+            pass_position[order] = np.arange(len(order))
+            used = np.sort(order)
+            correlations.append(abs(np.corrcoef(used, pass_position[used])[0, 1]))
+            files += [len({i // args.chips_per_file for i in batch}) for batch in batches]
+        rows.append({"mechanism": name, "correlation": float(np.mean(correlations)),
+                     "max_correlation": float(np.max(correlations)), "files_per_batch": float(np.mean(files)),
                      "min_files_per_batch": min(files)})  # fmt: skip
     return rows
+
+
+def print_shuffle_quality(args, quality: list[dict]) -> None:
+    print(
+        f"\nshuffle quality, W = 1, {args.chips} records in files of {args.chips_per_file}, batch "
+        f"{args.batch_size}, buffer {args.buffer_batches} batches, mean of {args.shuffle_epochs} passes"
+    )
+    print_table(quality, [
+        ("mechanism", "reading", "s"), ("correlation", "|corr(file pos, pass pos)|", ".3f"),
+        ("max_correlation", "largest of a pass", ".3f"),
+        ("files_per_batch", "distinct files per batch", ".2f"), ("min_files_per_batch", "fewest", "d"),
+    ])  # fmt: skip
 
 
 def main():
@@ -236,6 +253,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=10, help="records per batch on each process")
     parser.add_argument("--speed-repeats", type=int, default=3, help="runs of W = 1, n = 0 (median chips/s)")
     parser.add_argument("--buffer-batches", type=int, default=16)
+    parser.add_argument("--shuffle-epochs", type=int, default=5, help="passes the shuffle quality averages")
+    parser.add_argument("--shuffle-only", action="store_true", help="measure only the shuffle quality")
     parser.add_argument("--growth", type=int, default=2, help="chips factor of the peak-RSS check (0: none)")
     parser.add_argument("--data-root", type=Path, default=None, help="keep generated datasets here")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "stream_scale.json")
@@ -253,6 +272,10 @@ def main():
 
     machine = machine_info("cpu")
     print(f"machine: {describe_machine(machine)}")
+    if args.shuffle_only:
+        with tempfile.TemporaryDirectory(prefix="sidewalk-stream-scale-") as work_dir:
+            print_shuffle_quality(args, shuffle_quality(args, Path(work_dir)))
+        return
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sidewalk-stream-scale-") as work_dir:
         data_root = args.data_root or Path(work_dir)
@@ -323,13 +346,7 @@ def main():
             ("worker_rss_small", "worker 1x MiB", ".0f"), ("worker_rss_big", f"worker {args.growth}x MiB", ".0f"),
             ("read_amplification_big", f"x bytes at {args.growth}x", ".2f"),
         ])  # fmt: skip
-    print(
-        f"\nshuffle quality, W = 1, {args.chips} records, batch {args.batch_size}, buffer {args.buffer_batches} batches"
-    )
-    print_table(quality, [
-        ("mechanism", "reading", "s"), ("correlation", "|corr(file pos, pass pos)|", ".3f"),
-        ("files_per_batch", "files per batch", ".2f"), ("min_files_per_batch", "min", "d"),
-    ])  # fmt: skip
+    print_shuffle_quality(args, quality)
     planned = [r for r in rows if r["mechanism"] == "planned"]
     worst = max(r["read_amplification"] for r in planned)
     speed = {

@@ -10,11 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from datasets import Features, Image
 from PIL import Image as PILImage
 
 from sidewalk_hf.data import SegmentationStream, make_dataloader
-from sidewalk_hf.data.parquet_plan import ReaderOrder, plan_pass, read_layout, split_parquet_files
+from sidewalk_hf.data.parquet_plan import ReaderOrder, part_sizes, plan_pass, read_layout, split_parquet_files
 from sidewalk_hf.data.synthetic import generate_synthetic_dataset
 
 IDENTITY = {"image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "rescale_factor": 1.0}
@@ -90,7 +91,9 @@ def _layout(tmp_path, sizes, rows_per_group):
     return read_layout(split_parquet_files(source, "train"), ["image", "mask"])
 
 
-def test_a_plan_of_whole_row_groups_gives_no_row_group_to_two_readers_and_whole_batches_to_each(tmp_path):
+def test_a_plan_of_whole_row_groups_gives_no_row_group_to_two_readers_and_each_reader_its_part_of_each_batch(
+    tmp_path,
+):
     layout = _layout(tmp_path, [96, 64, 80, 30], rows_per_group=7)
     plan = plan_pass(
         layout, num_processes=2, readers_per_process=3, batch_size=4, training=True, seed=0, epoch=0
@@ -99,13 +102,23 @@ def test_a_plan_of_whole_row_groups_gives_no_row_group_to_two_readers_and_whole_
     assert plan.mode == "whole row groups"
     groups = [{(s.row_group.file_index, s.row_group.index) for s in line} for line in plan.lines]
     assert sum(len(g) for g in groups) == len(set().union(*groups))  # disjoint
-    per_reader, extra = divmod(plan.steps, 3)
+    assert part_sizes(4, 3) == [2, 1, 1]  # a batch of 4: 2 records from reader 0, 1 from each other
     for g, line in enumerate(plan.lines):
-        assert plan.line_records(g) == (per_reader + (g % 3 < extra)) * 4
+        assert plan.line_records(g) == plan.steps * part_sizes(4, 3)[g % 3]
         assert all(s.start == 0 for s in line)  # a line ends mid row group, never starts there
     assert plan.dropped_records == layout.num_records - plan.steps * 2 * 4
-    assert plan.dropped_records <= 2 * 3 * (7 + 4)
+    assert plan.dropped_records <= 2 * 3 * 7 + 2 * 4  # at most a row group per reader and a step
     assert plan.fetched_records <= layout.num_records
+
+
+def test_a_batch_smaller_than_the_readers_leaves_the_spare_readers_empty(tmp_path):
+    layout = _layout(tmp_path, [40, 40], rows_per_group=5)
+    plan = plan_pass(
+        layout, num_processes=1, readers_per_process=4, batch_size=2, training=True, seed=0, epoch=0
+    )
+
+    assert [plan.line_records(g) for g in range(4)] == [plan.steps, plan.steps, 0, 0]
+    assert plan.steps == 40 and plan.dropped_records == 0
 
 
 def test_the_plan_is_the_same_for_the_same_seed_and_epoch_and_changes_with_either(tmp_path):
@@ -241,6 +254,52 @@ def test_the_layout_the_synthetic_generator_writes_is_planned_and_read_once(tmp_
     assert sorted(int(i) for b in batches for i in b["record_index"]) == list(range(64))
 
 
+def test_a_batch_joins_one_part_from_each_reader_and_chips_of_several_sizes_are_padded_as_one_batch(
+    tmp_path,
+):
+    (tmp_path / "data").mkdir()
+    records = []
+    for index in range(64):
+        side = 4 if index % 3 else 6
+        image = np.zeros((side, side, 3), np.uint8)
+        image[..., 0] = index
+        records.append({"image": {"bytes": _png(image), "path": None},
+                        "mask": {"bytes": _png(np.ones((side, side), np.uint8)), "path": None}})  # fmt: skip
+    for shard in range(4):
+        table = pa.Table.from_pylist(records[shard * 16 : (shard + 1) * 16], schema=FEATURES.arrow_schema)
+        pq.write_table(table, tmp_path / "data" / f"train-{shard:05d}-of-00004.parquet", row_group_size=4)
+    stream = _stream(tmp_path, world=1, per_process_batch_size=4)
+
+    assert stream.parts_per_batch == 4
+    batches = list(make_dataloader(stream, num_workers=2))
+    assert [b["record_index"].tolist() for b in batches] == [
+        b["record_index"].tolist() for b in make_dataloader(stream, num_workers=0)
+    ]
+    plan = stream.pass_plan
+    for batch in batches:
+        chips = batch["pixel_values"][:, 0, 0, 0].tolist()
+        readers = {g for g, line in enumerate(plan.lines) for s in line
+                   for chip in chips if s.row_group.first_record <= chip < s.row_group.first_record + 4}  # fmt: skip
+        assert len(readers) == 4  # one record from each reader's row groups
+        for slot, chip in enumerate(chips):
+            side = 4 if chip % 3 else 6
+            assert (batch["labels"][slot, :side, :side] == 1).all()
+            padded = batch["labels"].shape[1] * batch["labels"].shape[2] - side * side
+            assert (batch["labels"][slot] == 255).sum() == padded
+    assert any(b["pixel_values"].shape[-1] == 6 for b in batches)
+
+
+def test_a_dataloader_given_the_stream_itself_gives_the_same_batches(tmp_path):
+    source = write_layout(tmp_path, [64, 64], rows_per_group=8)
+    stream = _stream(source, world=1)
+
+    expected = list(make_dataloader(stream, num_workers=0))
+    direct = list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
+
+    assert [_indices(b) for b in direct] == [_indices(b) for b in expected]
+    assert [b["record_index"].tolist() for b in direct] == [b["record_index"].tolist() for b in expected]
+
+
 # ---- resume -------------------------------------------------------------------------------------------------
 
 
@@ -265,19 +324,29 @@ def test_a_resumed_pass_has_the_batches_of_an_uninterrupted_one_and_refetches_on
 # ---- shuffle quality ------------------------------------------------------------------------------------------
 
 
+PASSES = 6  # the correlation of one pass is noisy (about 1 / sqrt(row groups)): compare means
+CORRELATION_NOISE = 0.03
+
+
 def shuffle_quality(batches: list[list[int]], file_of: dict[int, int]) -> tuple[float, float]:
     """|Spearman correlation| between a record's position in the files and in the pass (0 is best), and the
     mean number of distinct files per batch (higher is better)."""
-    order = [i for batch in batches for i in batch]
-    files_rank = np.argsort(np.argsort(order))  # the pass position of each, ranked by file position
-    correlation = abs(np.corrcoef(np.sort(order), files_rank[np.argsort(order)])[0, 1]) if order else 1.0
+    order = np.array([i for batch in batches for i in batch])
+    pass_position = np.argsort(order)  # of the records in file order
+    correlation = abs(np.corrcoef(np.arange(len(order)), pass_position)[0, 1]) if len(order) else 1.0
     distinct = np.mean([len({file_of[i] for i in batch}) for batch in batches])
     return float(correlation), float(distinct)
 
 
-def test_the_planned_shuffle_is_no_worse_than_the_whole_stream_shuffle_at_the_same_buffer_size(tmp_path):
-    sizes = [24] * 16
-    source = write_layout(tmp_path, sizes, rows_per_group=8)
+@pytest.mark.parametrize(
+    "files, rows_per_group",
+    [(16, 8), (32, 24)],  # 3 row groups per file; one per file, so each of the 4 readers owns 8 files
+)
+def test_the_planned_shuffle_is_no_worse_than_the_whole_stream_shuffle_at_the_same_buffer_size(
+    tmp_path, files, rows_per_group
+):
+    sizes = [24] * files
+    source = write_layout(tmp_path, sizes, rows_per_group=rows_per_group)
     file_of = {
         i: f
         for f, start in enumerate(itertools.accumulate([0, *sizes[:-1]]))
@@ -286,9 +355,14 @@ def test_the_planned_shuffle_is_no_worse_than_the_whole_stream_shuffle_at_the_sa
 
     def quality(read_plan):
         stream = _stream(source, world=1, per_process_batch_size=8, buffer_batches=2, read_plan=read_plan)
-        return shuffle_quality([_indices(b) for b in make_dataloader(stream)], file_of)
+        measures = []
+        for epoch in range(PASSES):
+            stream.set_epoch(epoch)
+            measures.append(shuffle_quality([_indices(b) for b in make_dataloader(stream)], file_of))
+        return np.mean(measures, axis=0)
 
     planned, whole_stream = quality("auto"), quality("whole_stream")
+    print(f"planned {planned}, whole stream {whole_stream}")
 
-    assert planned[0] <= whole_stream[0]
+    assert planned[0] <= whole_stream[0] + CORRELATION_NOISE
     assert planned[1] >= whole_stream[1]

@@ -8,13 +8,15 @@ each row group, so a plan costs one footer read per file and process and no data
 A training pass is planned from ``(seed, epoch, W, R, B)`` alone (``B`` records per batch), so every
 process and DataLoader worker makes the same plan with no communication:
 
+- every batch of a process is made of one *part* from each of its readers: reader ``j`` gives
+  ``b_j = B // R + (j < B % R)`` records to each batch (``part_sizes``; a reader with ``b_j = 0``, when
+  ``B < R``, reads nothing), so a batch mixes the row groups of all the process's readers;
 - the row groups are put in a seeded random order, new each epoch;
-- each process runs ``T`` steps; reader ``j`` of every process gets ``K + 1`` batches of ``B`` records if
-  ``j < m`` and ``K`` otherwise (``T = K * R + m``), as a *line*: a list of segments (row ranges of row
-  groups) holding exactly that many records;
-- *whole row groups*: in that order, each row group goes to the reader with the fewest records so far;
-  each line then ends where its quota ends, and the rest of the pass is dropped (counted). No row group is
-  read by two readers;
+- each process runs ``T`` steps, so reader ``j`` of every process gets a *line* of ``T * b_j`` records:
+  a list of segments (row ranges of row groups) holding exactly that many;
+- *whole row groups*: in that order, each row group goes to the reader with the fewest records so far
+  for its part size; ``T`` is the most steps every reader can fill, each line ends where its quota ends,
+  and the rest of the pass is dropped (counted). No row group is read by two readers;
 - *cut row groups*: the row groups laid end to end, cut into the readers' quotas with
   ``T = N // (W * B)``, the most a pass can use. A row group cut between two readers is read by both.
   It is chosen only when whole row groups would drop more records beyond the cut's drop than the cut
@@ -26,7 +28,8 @@ An evaluation pass keeps the files' order and drops nothing: whole row groups to
 when there are at least ``P`` of them, else the split cut into ``P`` nearly equal shares.
 
 Within a line, ``ReaderOrder`` gives the order in which a reader emits its records: a buffer shuffle
-(training) seeded by ``(seed, epoch, g)``, which does not depend on the records' contents, so a reader can
+(training) seeded by ``(seed, epoch, g)`` of ``buffer_batches * b_j`` records, so that a process buffers
+``buffer_batches * B`` records in all, as a whole-stream shuffle with the same ``buffer_batches`` does, which does not depend on the records' contents, so a reader can
 pass over emitted records without having read them (an exact resume re-reads only row groups that still
 hold records to come).
 """
@@ -243,10 +246,11 @@ def plan_pass(
     rng = np.random.default_rng([_ROW_GROUP_ORDER_STREAM, _seed_word(seed), int(epoch)])
     line = [groups[i] for i in rng.permutation(len(groups))]
     total = layout.num_records
+    sizes = part_sizes(batch_size, readers_per_process) * num_processes
     steps = total // (num_processes * batch_size)
-    cut = _cut(line, _quotas(steps, num_processes, readers_per_process, batch_size), steps,
+    cut = _cut(line, [steps * size for size in sizes], steps,
                dropped=total - steps * num_processes * batch_size)  # fmt: skip
-    whole = _whole_training(line, num_processes, readers_per_process, batch_size, total)
+    whole = _whole_training(line, sizes, total)
     # Whole row groups unless they drop more than the cut would read twice (and than a small allowance).
     cut_extra_reads = cut.fetched_records - (total - cut.dropped_records)
     allowance = max(num_processes * batch_size, total // 100, cut_extra_reads)
@@ -255,19 +259,14 @@ def plan_pass(
     return cut
 
 
+def part_sizes(batch_size: int, readers_per_process: int) -> list[int]:
+    """Records that reader ``j`` of a process gives to each of its training batches."""
+    share, extra = divmod(batch_size, readers_per_process)
+    return [share + (j < extra) for j in range(readers_per_process)]
+
+
 def _seed_word(seed: int) -> int:
     return int(seed) % 2**63
-
-
-def _quotas(steps: int, num_processes: int, readers_per_process: int, batch_size: int) -> list[int]:
-    """Records of each reader ``g = r * R + j`` for ``steps`` batches per process: batch ``t`` of a
-    process comes from its reader ``t % R``."""
-    per_reader, extra = divmod(steps, readers_per_process)
-    return [
-        (per_reader + (j < extra)) * batch_size
-        for _ in range(num_processes)
-        for j in range(readers_per_process)
-    ]
 
 
 def _cut(line: Sequence[RowGroup], quotas: Sequence[int], steps: int, dropped: int) -> PassPlan:
@@ -289,55 +288,47 @@ def _cut(line: Sequence[RowGroup], quotas: Sequence[int], steps: int, dropped: i
     return PassPlan(lines, steps, dropped, fetched, "cut row groups")
 
 
-def _greedy(line: Sequence[RowGroup], num_readers: int) -> list[list[RowGroup]]:
-    """Each row group in turn to the reader with the fewest records so far (the lowest index on ties)."""
-    assigned: list[list[RowGroup]] = [[] for _ in range(num_readers)]
-    heap = [(0, reader) for reader in range(num_readers)]
+def _greedy(line: Sequence[RowGroup], weights: Sequence[int]) -> list[list[RowGroup]]:
+    """Each row group in turn to the reader with the fewest records so far per unit of its weight (the
+    lowest index on ties); readers of weight 0 get none."""
+    assigned: list[list[RowGroup]] = [[] for _ in weights]
+    heap = [(0.0, reader) for reader, weight in enumerate(weights) if weight > 0]
+    loads = [0] * len(weights)
     for group in line:
-        load, reader = heapq.heappop(heap)
+        _, reader = heapq.heappop(heap)
         assigned[reader].append(group)
-        heapq.heappush(heap, (load + group.num_rows, reader))
+        loads[reader] += group.num_rows
+        heapq.heappush(heap, (loads[reader] / weights[reader], reader))
     return assigned
 
 
-def _whole_training(
-    line: Sequence[RowGroup], num_processes: int, readers_per_process: int, batch_size: int, total: int
-) -> PassPlan | None:
-    num_readers = num_processes * readers_per_process
-    if len(line) < num_readers:
+def _whole_training(line: Sequence[RowGroup], sizes: Sequence[int], total: int) -> PassPlan | None:
+    """Whole row groups to readers whose part sizes are ``sizes`` (all processes); None when some reader
+    would get none, or no step can be filled."""
+    active = [reader for reader, size in enumerate(sizes) if size > 0]
+    if len(line) < len(active):
         return None
-    assigned = _greedy(line, num_readers)
-    loads = [sum(group.num_rows for group in groups) for groups in assigned]
-    by_load = sorted(range(num_readers), key=lambda reader: (-loads[reader], reader))
-    per_reader = loads[by_load[-1]] // batch_size  # K: every reader holds K batches
-    richer = sum(load >= (per_reader + 1) * batch_size for load in loads)
-    extra = min(readers_per_process - 1, richer // num_processes)  # m readers per process hold K + 1
-    steps = per_reader * readers_per_process + extra
+    assigned = _greedy(line, sizes)
+    steps = min(sum(group.num_rows for group in assigned[reader]) // sizes[reader] for reader in active)
     if steps == 0:
         return None
-    quotas = _quotas(steps, num_processes, readers_per_process, batch_size)
-    # The W * m richest lists go to the readers j < m of each process, the others to j >= m.
-    slots = [r * readers_per_process + j for j in range(extra) for r in range(num_processes)]
-    slots += [
-        r * readers_per_process + j for j in range(extra, readers_per_process) for r in range(num_processes)
-    ]
-    lines: list[list[Segment]] = [[] for _ in range(num_readers)]
-    for slot, source in zip(slots, by_load):
-        remaining = quotas[slot]
-        for group in assigned[source]:
+    lines: list[list[Segment]] = [[] for _ in sizes]
+    for reader in active:
+        remaining = steps * sizes[reader]
+        for group in assigned[reader]:
             if remaining == 0:
                 break
             take = min(remaining, group.num_rows)
-            lines[slot].append(Segment(group, 0, take))
+            lines[reader].append(Segment(group, 0, take))
             remaining -= take
     fetched = sum(segment.row_group.num_rows for segments in lines for segment in segments)
-    dropped = total - steps * num_processes * batch_size
-    return PassPlan(lines, steps, dropped, fetched, "whole row groups")
+    return PassPlan(lines, steps, total - steps * sum(sizes), fetched, "whole row groups")
 
 
 def _whole_evaluation(groups: Sequence[RowGroup], num_readers: int) -> PassPlan:
     lines = [
-        [Segment(group, 0, group.num_rows) for group in assigned] for assigned in _greedy(groups, num_readers)
+        [Segment(group, 0, group.num_rows) for group in assigned]
+        for assigned in _greedy(groups, [1] * num_readers)
     ]
     fetched = sum(group.num_rows for group in groups)
     return PassPlan(lines, 0, 0, fetched, "whole row groups")
@@ -434,6 +425,7 @@ __all__ = [
     "ShardReadError",
     "SplitLayout",
     "describe",
+    "part_sizes",
     "plan_pass",
     "read_layout",
     "split_parquet_files",

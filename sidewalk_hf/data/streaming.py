@@ -4,21 +4,24 @@
 each with ``R = readers_per_process`` *readers*; reader ``j`` of process ``r`` reads only its own rows of
 the split, as ``parquet_plan.plan_pass`` assigns them from the parquet footers and ``(seed, epoch, W, R,
 B)`` (``B`` records per batch on a process): in training the row groups are shuffled per epoch and given
-to the readers, each reader buffer-shuffles its own records (``buffer_batches * B`` of them at a time),
-and batch ``t`` of a process is the next ``B`` records of its reader ``t % R``. DataLoader worker ``k`` of
-``n`` builds the batches ``t`` with ``(t - start_step) % n == k``, so it reads the readers ``j`` with
-``j % gcd(n, R) == (start_step + k) % gcd(n, R)``. Hence, with no communication between processes:
+to the readers, each reader buffer-shuffles its own records, and batch ``t`` of a process joins one
+*part* from each of its ``P = min(B, R)`` readers: the next ``b_j = B // R + (j < B % R)`` records of
+reader ``j``. ``make_dataloader`` returns a ``StreamLoader``: DataLoader worker ``k`` of ``n`` builds the
+parts ``i = (t - start_step) * P + j`` with ``i % n == k`` (so it reads the readers ``j`` with
+``j % gcd(n, P) == k % gcd(n, P)``) and the main process joins each ``P`` consecutive parts into a batch.
+Hence, with no communication between processes:
 
 - every record is used once per pass across all processes, and fetched once: no row group is read by
   two readers, except where the plan cuts one between readers (few or large row groups; logged with
-  the read it costs) and when ``n`` does not divide ``R`` (each reader is then read by ``n / gcd(n, R)``
+  the read it costs) and when ``n`` does not divide ``P`` (each reader is then read by ``n / gcd(n, P)``
   workers; logged);
-- every process runs the same number of training steps: the plan gives each reader a whole number of
-  batches; the records that do not fit (part of a row group per reader, or less than one global step)
+- every process runs the same number of training steps: the plan gives each reader its part of every
+  step; the records that do not fit (part of a row group per reader, or less than one global step)
   are dropped, and counted (``dropped_remainder_records``);
 - batches do not depend on ``num_workers``: the DataLoader's in-order round robin over workers yields
-  steps ``start_step, start_step + 1, ...`` whatever ``n`` is, and a batch's contents depend only on the
-  plan and the reader's shuffle (the read cost does depend on ``n``: see above);
+  parts in order whatever ``n`` is, and a batch's contents depend only on the plan and the readers'
+  shuffles (the read cost does depend on ``n``: see above); a DataLoader given the stream itself gets
+  the same batches, each worker building whole ones from all readers (read ``min(n, P)`` times over);
 - resuming is exact: ``set_start_step(s)`` replays the readers' shuffles on record positions, without
   data, and re-reads only the row groups that still hold records to come;
 - a parquet file that cannot be read (a truncated copy, a corrupt row group) raises ``ShardReadError``
@@ -55,7 +58,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import datasets
@@ -72,6 +75,7 @@ from .parquet_plan import (
     ShardReadError,
     SplitLayout,
     describe,
+    part_sizes,
     plan_pass,
     read_layout,
     split_parquet_files,
@@ -242,8 +246,9 @@ def _image_file(cell: dict | None):
 class SegmentationStream(torch.utils.data.IterableDataset):
     """Batches of one split of a segmentation dataset, for one process of a (possibly multi-process) run.
 
-    Use it with ``make_dataloader`` (a DataLoader with ``batch_size=None``), and do not pass it to
-    ``accelerator.prepare``: each process already reads its own share. Each yielded batch is a dict:
+    Use it with ``make_dataloader`` (a DataLoader with ``batch_size=None`` whose workers build the parts
+    of batches, joined in the main process), and do not pass it to ``accelerator.prepare``: each process
+    already reads its own share. Each yielded batch is a dict:
 
     - ``pixel_values``: uint8 [B, C, H, W], the augmented (or resized) chips, *not* normalised; padding 0;
     - ``labels``: uint8 [B, H, W], 0/1 and 255 (ignore, also on padding);
@@ -258,8 +263,8 @@ class SegmentationStream(torch.utils.data.IterableDataset):
     - ``bad_samples``: list of ``BadSample`` met while building this batch; each was replaced by an
       all-ignore filler (``labels`` 255, ``pixel_values`` 0 and coefficients 0, so normalised to exactly
       0) so that batch shapes and step counts stay the same on every process;
-    - ``records_read``: int, records the process (or worker) that built this batch fetched from storage
-      since its previous batch: the read cost, summed over a pass.
+    - ``records_read``: int, records the process (or workers) that built this batch fetched from storage
+      since their previous parts: the read cost, summed over a pass.
 
     ``batch_to_model_inputs`` turns a batch into the model's inputs on a device: float32 normalised
     ``pixel_values`` and int64 ``labels`` (the module docstring says why batches are uint8 until then).
@@ -274,7 +279,8 @@ class SegmentationStream(torch.utils.data.IterableDataset):
             band, from the model's image processor; the number of bands is ``len(image_mean)``.
         process_index, num_processes: this process's rank and the number of processes (``W``).
         seed: seeds the shuffle (with the epoch) and the augmentation (with epoch and record index).
-        buffer_batches: shuffle buffer size in batches: ``buffer_batches * B`` records per reader.
+        buffer_batches: shuffle buffer size in batches: ``buffer_batches * B`` records per process,
+            shared among its readers in proportion to their parts (``buffer_batches * b_j`` each).
         max_buffer_input_shards: whole-stream reading only: shards feeding the shuffle buffer at a time.
             Above 1, datasets 5.2 interleaves shards in threads and, for parquet, sleeps 5 s when each
             pass ends (a guard against apache/arrow#45214), so 1 is the default.
@@ -287,7 +293,7 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         on_bad_sample: ``"skip"`` (replace, count, log a warning) or ``"error"`` (raise ``BadSampleError``,
             a ``ValueError``, naming the record, or ``ShardReadError``, an ``OSError``, naming the file).
         readers_per_process: readers per process (``R``): the batches depend on it, not on the number
-            of DataLoader workers; a number of workers that divides it reads each record once.
+            of DataLoader workers; a number of workers that divides ``min(R, B)`` reads each record once.
         read_plan: ``"auto"`` (planned from parquet metadata when the split is parquet, else the whole
             stream with a warning), ``"parquet"`` (planned, or an error), ``"whole_stream"`` (every
             process and worker reads the whole stream: the older mechanism, kept for other formats and
@@ -552,55 +558,83 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         ]
         return [(j, i) for i in range(max(counts, default=0)) for j in range(readers) if i < counts[j]]
 
-    def _planned_batches(self, worker_id: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    @property
+    def parts_per_batch(self) -> int:
+        """Parts a training batch is joined from (one per reader that gives it records: ``min(B, R)``);
+        1 in evaluation and for whole-stream reading, whose batches are built whole."""
+        if not (self.planned and self.training):
+            return 1
+        return sum(size > 0 for size in part_sizes(self.per_process_batch_size, self.readers_per_process))
+
+    def _planned_parts(self, keep: Callable[[int], bool]) -> Iterator[dict[str, Any]]:
+        """The parts of this process's training batches from the start step on, part ``j`` of step ``t``
+        being item ``(t - start_step) * P + j``; only the items ``keep`` accepts are built."""
         plan, readers_per_process = self._plan(), self.readers_per_process
         start, batch_size = self._start_step, self.per_process_batch_size
+        sizes = part_sizes(batch_size, readers_per_process)[: self.parts_per_batch]
+        offsets = list(itertools.accumulate(sizes, initial=0))
+        fetched = [0]  # records fetched since this worker's previous part
+        readers: dict[int, _LineReader] = {}
+        per_step = self.records_per_step
+        for step in range(start, plan.steps):
+            for j, size in enumerate(sizes):
+                if not keep((step - start) * len(sizes) + j):
+                    continue
+                if j not in readers:
+                    g = self.process_index * readers_per_process + j
+                    readers[j] = _LineReader(self, plan, g, fetched, size)
+                records = readers[j].batch(step)
+                first = step * per_step + self.process_index * batch_size + offsets[j]
+                yield self._build_batch(
+                    [record for _, record in records], list(range(first, first + len(records))),
+                    fetched, self._files_left_out(step == 0 and j == 0),
+                )  # fmt: skip
+
+    def _files_left_out(self, first_of_pass: bool) -> list[BadSample]:
+        if not (first_of_pass and self.process_index == 0):
+            return []
+        return [BadSample("unreadable_file", -1, path) for path, _ in self._layout.skipped_files]
+
+    def _planned_evaluation_batches(self, worker_id: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        plan, readers_per_process = self._plan(), self.readers_per_process
         fetched = [0]  # records fetched since this worker's previous batch
         readers: dict[int, _LineReader] = {}
-
-        def reader(j: int) -> _LineReader:
+        schedule = self._evaluation_schedule(self.process_index)
+        for position, (j, i) in enumerate(schedule):
+            if position < self._start_step or j % num_workers != worker_id:
+                continue
             if j not in readers:
-                readers[j] = _LineReader(self, plan, self.process_index * readers_per_process + j, fetched)
-            return readers[j]
+                g = self.process_index * readers_per_process + j
+                readers[j] = _LineReader(self, plan, g, fetched, self.per_process_batch_size)
+            records = readers[j].batch(i)
+            yield self._build_batch(
+                [record for _, record in records],
+                [readers[j].split_position(p) for p, _ in records],
+                fetched, self._files_left_out(position == 0),
+            )  # fmt: skip
 
-        def files_left_out(first_of_pass: bool) -> list[BadSample]:
-            if not (first_of_pass and self.process_index == 0):
-                return []
-            return [BadSample("unreadable_file", -1, path) for path, _ in self._layout.skipped_files]
-
-        if not self.training:
-            schedule = self._evaluation_schedule(self.process_index)
-            for position, (j, i) in enumerate(schedule):
-                if position < start or j % num_workers != worker_id:
-                    continue
-                line_reader = reader(j)
-                records = line_reader.batch(i)
-                yield self._build_batch(
-                    [record for _, record in records],
-                    [line_reader.split_position(p) for p, _ in records],
-                    fetched, files_left_out(position == 0),
-                )  # fmt: skip
-            return
-
-        group = math.gcd(num_workers, readers_per_process)
-        if group < num_workers and worker_id == 0:
+    def warn_if_workers_share_readers(self, num_workers: int) -> None:
+        """Say so when ``num_workers`` workers of ``make_dataloader`` read some records more than once."""
+        parts = self.parts_per_batch
+        if self.planned and self.training and num_workers > 1 and math.gcd(num_workers, parts) < num_workers:
             logger.warning(
                 "%s split %r: %d DataLoader workers for %d readers per process: each reader is read by %d "
-                "workers (a number of workers that divides readers_per_process reads each record once)",
-                self.source, self.split, num_workers, readers_per_process, num_workers // group,
+                "workers (a number of workers that divides the readers that fill a batch, min(readers_per_process, "
+                "batch size), reads each record once)",
+                self.source, self.split, num_workers, parts, num_workers // math.gcd(num_workers, parts),
             )  # fmt: skip
-        period = readers_per_process * num_workers // group  # steps between two of a reader's batches here
-        per_step = self.records_per_step
-        for step in range(start + worker_id, plan.steps, num_workers):
-            j = step % readers_per_process
-            records = reader(j).batch(step // readers_per_process)
-            if step + period >= plan.steps:
-                del readers[j]  # its last batch for this worker: free its buffer
-            first = step * per_step + self.process_index * batch_size
-            yield self._build_batch(
-                [record for _, record in records], list(range(first, first + len(records))),
-                fetched, files_left_out(step == 0),
-            )  # fmt: skip
+
+    def iter_parts(self) -> Iterator[dict[str, Any]]:
+        """What a DataLoader worker (or the main process, with no workers) hands over: in planned
+        training the parts of the batches (``StreamLoader`` joins each ``parts_per_batch`` of them into
+        a batch), worker ``k`` of ``n`` building the items ``i`` with ``i % n == k``; otherwise whole
+        batches. Use ``make_dataloader``, which iterates this."""
+        worker_id, num_workers = _worker()
+        if not self.planned:
+            return self._whole_stream_batches(worker_id, num_workers)
+        if not self.training:
+            return self._planned_evaluation_batches(worker_id, num_workers)
+        return self._planned_parts(lambda item: item % num_workers == worker_id)
 
     # ---- whole-stream iteration (not parquet, or asked for) --------------------------------------------
 
@@ -645,13 +679,21 @@ class SegmentationStream(torch.utils.data.IterableDataset):
     # ---- batches --------------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        if worker is not None:
-            fsspec.asyn.reset_lock()  # as datasets does in workers: a forked fsspec event loop would hang
-        if self.planned:
-            return self._planned_batches(worker_id, num_workers)
-        return self._whole_stream_batches(worker_id, num_workers)
+        """Whole batches. Through ``make_dataloader`` each DataLoader worker builds parts and each record
+        is read once; a DataLoader given the stream itself makes each worker build whole batches from
+        all readers (the same batches, read ``min(n, parts_per_batch)`` times over)."""
+        parts = self.parts_per_batch
+        if parts == 1:
+            return self.iter_parts()
+        worker_id, num_workers = _worker()
+        if num_workers > 1 and worker_id == 0:
+            logger.warning(
+                "%s split %r is iterated by DataLoader workers directly: each worker reads every reader; "
+                "make_dataloader(stream, num_workers) reads each record once",
+                self.source, self.split,
+            )  # fmt: skip
+        items = self._planned_parts(lambda item: (item // parts) % num_workers == worker_id)
+        return (join_parts(group) for group in _groups(items, parts))
 
     def _build_batch(
         self,
@@ -748,15 +790,17 @@ class _LineReader:
     each row group when the first of its records still to come is needed, once; records of batches passed
     over are never fetched."""
 
-    def __init__(self, stream: SegmentationStream, plan: PassPlan, reader: int, fetched: list[int]):
+    def __init__(
+        self, stream: SegmentationStream, plan: PassPlan, reader: int, fetched: list[int], batch_size: int
+    ):
         self.layout = stream._layout
         self.segments = plan.lines[reader]
         self.starts = list(itertools.accumulate((segment.num_rows for segment in self.segments), initial=0))
         self.order = ReaderOrder.for_reader(
             self.starts[-1], training=stream.training, seed=stream.seed, epoch=stream.epoch, reader=reader,
-            buffer_size=stream.buffer_batches * stream.per_process_batch_size,
+            buffer_size=stream.buffer_batches * batch_size,
         )  # fmt: skip
-        self.batch_size = stream.per_process_batch_size
+        self.batch_size = batch_size
         self.on_bad_sample = stream.on_bad_sample
         self.next_batch = 0
         self.fetched = fetched
@@ -846,12 +890,98 @@ def batch_to_model_inputs(
     return pixel_values, labels
 
 
+def _worker() -> tuple[int, int]:
+    """(worker id, number of workers) of the DataLoader worker running this, or (0, 1) outside one."""
+    worker = torch.utils.data.get_worker_info()
+    if worker is None:
+        return 0, 1
+    fsspec.asyn.reset_lock()  # as datasets does in workers: a forked fsspec event loop would hang
+    return worker.id, worker.num_workers
+
+
+def _groups(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    iterator = iter(items)
+    while group := list(itertools.islice(iterator, size)):
+        if len(group) < size:
+            raise RuntimeError(f"a batch lost parts: {len(group)} of its {size} parts came")
+        yield group
+
+
+def join_parts(parts: Sequence[dict[str, Any]], pin_memory: bool = False) -> dict[str, Any]:
+    """One batch from its parts, in order (chips of different sizes sit top-left, padded as a batch pads
+    them). In pinned memory when asked, so that the copy to a GPU stays asynchronous."""
+    if len(parts) == 1:
+        return parts[0]
+    images = [part["pixel_values"] for part in parts]
+    count = sum(len(image) for image in images)
+    height, width = max(image.shape[2] for image in images), max(image.shape[3] for image in images)
+    pixel_values = torch.zeros(
+        (count, images[0].shape[1], height, width), dtype=torch.uint8, pin_memory=pin_memory
+    )
+    labels = torch.full((count, height, width), 255, dtype=torch.uint8, pin_memory=pin_memory)
+    first = 0
+    for part in parts:
+        part_count, _, part_height, part_width = part["pixel_values"].shape
+        pixel_values[first : first + part_count, :, :part_height, :part_width] = part["pixel_values"]
+        labels[first : first + part_count, :part_height, :part_width] = part["labels"]
+        first += part_count
+    return {
+        "pixel_values": pixel_values,
+        "labels": labels,
+        "pixel_normalization": torch.cat([part["pixel_normalization"] for part in parts]),
+        "record_index": torch.cat([part["record_index"] for part in parts]),
+        "bad_samples": [bad for part in parts for bad in part["bad_samples"]],
+        "records_read": sum(part["records_read"] for part in parts),
+    }
+
+
+class _StreamParts(torch.utils.data.IterableDataset):
+    """What the DataLoader of ``StreamLoader`` iterates: the stream's parts."""
+
+    def __init__(self, stream: SegmentationStream):
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.stream.iter_parts()
+
+
+class StreamLoader:
+    """A DataLoader over a stream's parts that yields its batches, each joined in the main process from
+    the ``parts_per_batch`` parts its workers built (the DataLoader hands items over in order, round robin
+    over its workers, so the parts of a batch come one after another)."""
+
+    def __init__(self, stream: SegmentationStream, **dataloader_options: Any):
+        self.stream = stream
+        self.parts_per_batch = stream.parts_per_batch
+        # Joined batches are pinned once, when joined, rather than each part by the DataLoader first.
+        self.pin_memory = bool(dataloader_options.get("pin_memory")) and torch.cuda.is_available()
+        if self.parts_per_batch > 1:
+            dataloader_options = {**dataloader_options, "pin_memory": False}
+        self.dataloader = torch.utils.data.DataLoader(_StreamParts(stream), **dataloader_options)
+
+    @property
+    def dataset(self) -> SegmentationStream:
+        return self.stream
+
+    @property
+    def num_workers(self) -> int:
+        return self.dataloader.num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches = iter(self.dataloader)
+        if self.parts_per_batch == 1:
+            return batches
+        return (join_parts(group, self.pin_memory) for group in _groups(batches, self.parts_per_batch))
+
+
 def make_dataloader(
     stream: SegmentationStream, num_workers: int = 0, **dataloader_kwargs: Any
-) -> torch.utils.data.DataLoader:
-    """The DataLoader for a ``SegmentationStream``.
+) -> StreamLoader:
+    """The loader of a ``SegmentationStream``: a DataLoader whose workers build parts of batches (each
+    reader's records read by one worker), joined into the stream's batches in the main process.
 
-    ``batch_size=None`` because the stream yields finished batches (it must: which records form a batch
+    ``batch_size=None`` because the stream yields finished parts (it must: which records form a batch
     is decided by the global step layout, not by the loader). ``persistent_workers=False`` because
     workers copy the stream when an iteration starts: fresh workers for each iteration see the epoch and
     start step set just before it, where persistent ones would keep the first iteration's. Memory is
@@ -864,11 +994,5 @@ def make_dataloader(
         "persistent_workers": False,
     }
     options.update(dataloader_kwargs)
-    workers, readers = options["num_workers"], stream.readers_per_process
-    if stream.planned and workers > 1 and math.gcd(workers, readers) < workers:
-        logger.warning(
-            "%d DataLoader workers for %d readers per process: each reader is read by %d workers (a number of "
-            "workers that divides readers_per_process reads each record once)",
-            workers, readers, workers // math.gcd(workers, readers),
-        )  # fmt: skip
-    return torch.utils.data.DataLoader(stream, **options)
+    stream.warn_if_workers_share_readers(options["num_workers"])
+    return StreamLoader(stream, **options)

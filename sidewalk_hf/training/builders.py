@@ -14,7 +14,7 @@ from accelerate import PartialState
 from omegaconf import DictConfig
 
 from ..configuration_sidewalk_deeplab import SidewalkDeepLabConfig
-from ..data.streaming import SegmentationStream
+from ..data.streaming import SegmentationStream, StreamLoader, make_dataloader
 from ..modeling_sidewalk_deeplab import SidewalkDeepLabForSemanticSegmentation, convert_batchnorm_to_sync
 from .config import ConfigError
 from .schedule import build_lr_scheduler
@@ -239,14 +239,12 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(stream: SegmentationStream, num_workers: int, seed: int) -> torch.utils.data.DataLoader:
+def make_loader(stream: SegmentationStream, num_workers: int, seed: int) -> StreamLoader:
     """Batches come ready from the stream. A private generator seeds the workers, so creating a loader
     never draws from the global RNG (which a resumed run must continue exactly)."""
-    return torch.utils.data.DataLoader(
+    return make_dataloader(
         stream,
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
+        num_workers,
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=_ignore_sigterm,
     )
