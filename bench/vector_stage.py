@@ -13,7 +13,8 @@ Cases (each in a fresh process, one thread, so that its peak RSS is its own):
   tile borders through a VRT, one merged network), in 1 and in N processes.
 
 Peak RSS is the process's maximum resident set (``ru_maxrss``), imports included; ``base_rss_mb`` is the
-same process after its imports, before the tile, so the stage's own memory is the difference.
+same process after its imports, before the tile, so the stage's own memory is the difference;
+``worker_peak_rss_mb`` is the largest worker process's (the tiles cases with workers).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024
 
 
 def make_inputs(work: Path, size: int) -> dict:
@@ -107,6 +108,7 @@ def run_case(case: str, work: Path, size: int, workers: int) -> dict:
         "seconds": round(seconds, 2),
         "peak_rss_mb": round(_rss_mb(), 1),
         "base_rss_mb": round(base, 1),
+        "worker_peak_rss_mb": round(_rss_mb(resource.RUSAGE_CHILDREN), 1) or None,
         "num_edges": summary["num_edges"],
         "num_components": summary["num_components"],
         "length_km": round(summary["length_m"] / 1000, 2),
@@ -157,12 +159,14 @@ def main() -> None:
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(runs[-1], flush=True)
     print(
-        f"\n{'case':<18} {'px':>6} {'s':>7} {'peak RSS MB':>12} {'base MB':>8} {'edges':>7} {'km':>7} {'polys':>6}"
+        f"\n{'case':<18} {'px':>6} {'s':>7} {'peak RSS MB':>12} {'base MB':>8} {'worker MB':>10} "
+        f"{'edges':>7} {'km':>7} {'polys':>6}"
     )
     for r in runs:
+        worker = f"{r['worker_peak_rss_mb']:.0f}" if r["worker_peak_rss_mb"] else "-"
         print(
             f"{r['case']:<18} {r['size_px']:>6} {r['seconds']:>7.2f} {r['peak_rss_mb']:>12.0f} {r['base_rss_mb']:>8.0f} "
-            f"{r['num_edges']:>7} {r['length_km']:>7.2f} {r['num_polygons']:>6}"
+            f"{worker:>10} {r['num_edges']:>7} {r['length_km']:>7.2f} {r['num_polygons']:>6}"
         )
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "vector_stage.json").write_text(
