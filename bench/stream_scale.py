@@ -226,6 +226,18 @@ def shuffle_quality(args, root: Path) -> list[dict]:
         rows.append({"mechanism": name, "correlation": float(np.mean(correlations)),
                      "max_correlation": float(np.max(correlations)), "files_per_batch": float(np.mean(files)),
                      "min_files_per_batch": min(files)})  # fmt: skip
+    # The floor of the correlation for a shuffle of whole files: files in a random order, each read in order.
+    rng = np.random.default_rng(0)
+    floor = []
+    for _ in range(args.shuffle_epochs):
+        files_order = rng.permutation(args.chips // args.chips_per_file)
+        order = np.concatenate(
+            [np.arange(f * args.chips_per_file, (f + 1) * args.chips_per_file) for f in files_order]
+        )
+        floor.append(abs(np.corrcoef(np.arange(len(order)), np.argsort(order))[0, 1]))
+    rows.append({"mechanism": "files in random order", "correlation": float(np.mean(floor)),
+                 "max_correlation": float(np.max(floor)), "files_per_batch": float("nan"),
+                 "min_files_per_batch": 0})  # fmt: skip
     return rows
 
 

@@ -15,7 +15,14 @@ from datasets import Features, Image
 from PIL import Image as PILImage
 
 from sidewalk_hf.data import SegmentationStream, make_dataloader
-from sidewalk_hf.data.parquet_plan import ReaderOrder, part_sizes, plan_pass, read_layout, split_parquet_files
+from sidewalk_hf.data.parquet_plan import (
+    ReaderOrder,
+    part_size,
+    plan_pass,
+    read_layout,
+    reader_records,
+    split_parquet_files,
+)
 from sidewalk_hf.data.synthetic import generate_synthetic_dataset
 
 IDENTITY = {"image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "rescale_factor": 1.0}
@@ -102,9 +109,11 @@ def test_a_plan_of_whole_row_groups_gives_no_row_group_to_two_readers_and_each_r
     assert plan.mode == "whole row groups"
     groups = [{(s.row_group.file_index, s.row_group.index) for s in line} for line in plan.lines]
     assert sum(len(g) for g in groups) == len(set().union(*groups))  # disjoint
-    assert part_sizes(4, 3) == [2, 1, 1]  # a batch of 4: 2 records from reader 0, 1 from each other
+    # A batch of 4 from 3 readers: 2 records from one of them, 1 from each other, in turn.
+    assert [[part_size(t, j, 4, 3) for j in range(3)] for t in range(3)] == [[2, 1, 1], [1, 1, 2], [1, 2, 1]]
+    assert [reader_records(7, j, 4, 3) for j in range(3)] == [10, 9, 9]
     for g, line in enumerate(plan.lines):
-        assert plan.line_records(g) == plan.steps * part_sizes(4, 3)[g % 3]
+        assert plan.line_records(g) == reader_records(plan.steps, g % 3, 4, 3)
         assert all(s.start == 0 for s in line)  # a line ends mid row group, never starts there
     assert plan.dropped_records == layout.num_records - plan.steps * 2 * 4
     assert plan.dropped_records <= 2 * 3 * 7 + 2 * 4  # at most a row group per reader and a step
@@ -119,6 +128,20 @@ def test_a_batch_smaller_than_the_readers_leaves_the_spare_readers_empty(tmp_pat
 
     assert [plan.line_records(g) for g in range(4)] == [plan.steps, plan.steps, 0, 0]
     assert plan.steps == 40 and plan.dropped_records == 0
+
+
+def test_readers_with_as_many_row_groups_each_drop_nothing_when_the_batch_does_not_divide_among_them(
+    tmp_path,
+):
+    # 32 row groups of 25 records for 4 processes x 4 readers, batches of 10: 2 row groups per reader,
+    # 50 records = 5 batches' worth each, while parts are 3, 3, 2 and 2 records.
+    layout = _layout(tmp_path, [25] * 32, rows_per_group=25)
+    plan = plan_pass(
+        layout, num_processes=4, readers_per_process=4, batch_size=10, training=True, seed=0, epoch=0
+    )
+
+    assert plan.mode == "whole row groups"
+    assert plan.steps == 20 and plan.dropped_records == 0 and plan.fetched_records == 800
 
 
 def test_the_plan_is_the_same_for_the_same_seed_and_epoch_and_changes_with_either(tmp_path):

@@ -8,15 +8,18 @@ each row group, so a plan costs one footer read per file and process and no data
 A training pass is planned from ``(seed, epoch, W, R, B)`` alone (``B`` records per batch), so every
 process and DataLoader worker makes the same plan with no communication:
 
-- every batch of a process is made of one *part* from each of its readers: reader ``j`` gives
-  ``b_j = B // R + (j < B % R)`` records to each batch (``part_sizes``; a reader with ``b_j = 0``, when
-  ``B < R``, reads nothing), so a batch mixes the row groups of all the process's readers;
+- every batch of a process is made of one *part* from each of its readers, so a batch mixes the row
+  groups of all the process's readers: reader ``j`` gives ``part_size(t, j, B, R)`` records to batch
+  ``t``, the sizes ``B // R`` or ``B // R + 1`` rotating over the readers from step to step so that every
+  reader gives ``B`` records per ``R`` steps (when ``B < R``, readers ``j < B`` give one record each and
+  the others read nothing);
 - the row groups are put in a seeded random order, new each epoch;
-- each process runs ``T`` steps, so reader ``j`` of every process gets a *line* of ``T * b_j`` records:
-  a list of segments (row ranges of row groups) holding exactly that many;
-- *whole row groups*: in that order, each row group goes to the reader with the fewest records so far
-  for its part size; ``T`` is the most steps every reader can fill, each line ends where its quota ends,
-  and the rest of the pass is dropped (counted). No row group is read by two readers;
+- each process runs ``T`` steps, so reader ``j`` of every process gets a *line* of
+  ``reader_records(T, j, B, R)`` records: a list of segments (row ranges of row groups) holding exactly
+  that many;
+- *whole row groups*: in that order, each row group goes to the reader with the fewest records so far;
+  ``T`` is the most steps every reader can fill, each line ends where its quota ends, and the rest of
+  the pass is dropped (counted). No row group is read by two readers;
 - *cut row groups*: the row groups laid end to end, cut into the readers' quotas with
   ``T = N // (W * B)``, the most a pass can use. A row group cut between two readers is read by both.
   It is chosen only when whole row groups would drop more records beyond the cut's drop than the cut
@@ -28,8 +31,8 @@ An evaluation pass keeps the files' order and drops nothing: whole row groups to
 when there are at least ``P`` of them, else the split cut into ``P`` nearly equal shares.
 
 Within a line, ``ReaderOrder`` gives the order in which a reader emits its records: a buffer shuffle
-(training) seeded by ``(seed, epoch, g)`` of ``buffer_batches * b_j`` records, so that a process buffers
-``buffer_batches * B`` records in all, as a whole-stream shuffle with the same ``buffer_batches`` does, which does not depend on the records' contents, so a reader can
+(training) seeded by ``(seed, epoch, g)`` of ``reader_buffer_size`` records, so that a process buffers
+about ``buffer_batches * B`` records in all, as a whole-stream shuffle with the same ``buffer_batches`` does, which does not depend on the records' contents, so a reader can
 pass over emitted records without having read them (an exact resume re-reads only row groups that still
 hold records to come).
 """
@@ -39,7 +42,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -246,11 +249,14 @@ def plan_pass(
     rng = np.random.default_rng([_ROW_GROUP_ORDER_STREAM, _seed_word(seed), int(epoch)])
     line = [groups[i] for i in rng.permutation(len(groups))]
     total = layout.num_records
-    sizes = part_sizes(batch_size, readers_per_process) * num_processes
+    readers = list(range(readers_per_process)) * num_processes  # reader g = r * R + j is reader j of r
+
+    def quotas(steps: int) -> list[int]:
+        return [reader_records(steps, j, batch_size, readers_per_process) for j in readers]
+
     steps = total // (num_processes * batch_size)
-    cut = _cut(line, [steps * size for size in sizes], steps,
-               dropped=total - steps * num_processes * batch_size)  # fmt: skip
-    whole = _whole_training(line, sizes, total)
+    cut = _cut(line, quotas(steps), steps, dropped=total - steps * num_processes * batch_size)
+    whole = _whole_training(line, readers, batch_size, readers_per_process, total, quotas)
     # Whole row groups unless they drop more than the cut would read twice (and than a small allowance).
     cut_extra_reads = cut.fetched_records - (total - cut.dropped_records)
     allowance = max(num_processes * batch_size, total // 100, cut_extra_reads)
@@ -259,10 +265,28 @@ def plan_pass(
     return cut
 
 
-def part_sizes(batch_size: int, readers_per_process: int) -> list[int]:
-    """Records that reader ``j`` of a process gives to each of its training batches."""
+def part_size(step: int, reader: int, batch_size: int, readers_per_process: int) -> int:
+    """Records that reader ``reader`` of a process gives to the process's training batch ``step``."""
     share, extra = divmod(batch_size, readers_per_process)
-    return [share + (j < extra) for j in range(readers_per_process)]
+    if share == 0:  # fewer records than readers: one from each of the first readers, always the same
+        return int(reader < extra)
+    return share + ((reader + step) % readers_per_process < extra)
+
+
+def reader_records(steps: int, reader: int, batch_size: int, readers_per_process: int) -> int:
+    """Records that reader ``reader`` gives to the first ``steps`` batches."""
+    rounds, rest = divmod(steps, readers_per_process)
+    per_round = sum(
+        part_size(step, reader, batch_size, readers_per_process) for step in range(readers_per_process)
+    )
+    return rounds * per_round + sum(
+        part_size(step, reader, batch_size, readers_per_process) for step in range(rest)
+    )
+
+
+def reader_buffer_size(buffer_batches: int, batch_size: int, readers_per_process: int) -> int:
+    """A training reader's shuffle buffer: its share of ``buffer_batches`` batches."""
+    return max(1, buffer_batches * batch_size // readers_per_process)
 
 
 def _seed_word(seed: int) -> int:
@@ -288,47 +312,68 @@ def _cut(line: Sequence[RowGroup], quotas: Sequence[int], steps: int, dropped: i
     return PassPlan(lines, steps, dropped, fetched, "cut row groups")
 
 
-def _greedy(line: Sequence[RowGroup], weights: Sequence[int]) -> list[list[RowGroup]]:
-    """Each row group in turn to the reader with the fewest records so far per unit of its weight (the
-    lowest index on ties); readers of weight 0 get none."""
-    assigned: list[list[RowGroup]] = [[] for _ in weights]
-    heap = [(0.0, reader) for reader, weight in enumerate(weights) if weight > 0]
-    loads = [0] * len(weights)
+def _greedy(line: Sequence[RowGroup], readers: Sequence[int]) -> dict[int, list[RowGroup]]:
+    """Each row group in turn to the reader of ``readers`` with the fewest records so far (the lowest
+    index on ties)."""
+    assigned: dict[int, list[RowGroup]] = {reader: [] for reader in readers}
+    heap = [(0, reader) for reader in readers]
     for group in line:
-        _, reader = heapq.heappop(heap)
+        load, reader = heapq.heappop(heap)
         assigned[reader].append(group)
-        loads[reader] += group.num_rows
-        heapq.heappush(heap, (loads[reader] / weights[reader], reader))
+        heapq.heappush(heap, (load + group.num_rows, reader))
     return assigned
 
 
-def _whole_training(line: Sequence[RowGroup], sizes: Sequence[int], total: int) -> PassPlan | None:
-    """Whole row groups to readers whose part sizes are ``sizes`` (all processes); None when some reader
-    would get none, or no step can be filled."""
-    active = [reader for reader, size in enumerate(sizes) if size > 0]
+def _whole_training(
+    line: Sequence[RowGroup],
+    readers: Sequence[int],
+    batch_size: int,
+    readers_per_process: int,
+    total: int,
+    quotas: Callable[[int], list[int]],
+) -> PassPlan | None:
+    """Whole row groups to the readers that give records (``readers[g]`` is reader ``g``'s index in its
+    process); None when some reader would get none, or no step can be filled."""
+    active = [
+        g
+        for g, j in enumerate(readers)
+        if reader_records(readers_per_process, j, batch_size, readers_per_process)
+    ]
     if len(line) < len(active):
         return None
-    assigned = _greedy(line, sizes)
-    steps = min(sum(group.num_rows for group in assigned[reader]) // sizes[reader] for reader in active)
+    assigned = _greedy(line, active)
+    steps = min(
+        _most_steps(sum(group.num_rows for group in assigned[g]), readers[g], batch_size, readers_per_process)
+        for g in active
+    )
     if steps == 0:
         return None
-    lines: list[list[Segment]] = [[] for _ in sizes]
-    for reader in active:
-        remaining = steps * sizes[reader]
-        for group in assigned[reader]:
-            if remaining == 0:
+    lines: list[list[Segment]] = [[] for _ in readers]
+    for g, quota in enumerate(quotas(steps)):
+        for group in assigned.get(g, []):
+            if quota == 0:
                 break
-            take = min(remaining, group.num_rows)
-            lines[reader].append(Segment(group, 0, take))
-            remaining -= take
+            take = min(quota, group.num_rows)
+            lines[g].append(Segment(group, 0, take))
+            quota -= take
     fetched = sum(segment.row_group.num_rows for segments in lines for segment in segments)
-    return PassPlan(lines, steps, total - steps * sum(sizes), fetched, "whole row groups")
+    return PassPlan(lines, steps, total - steps * batch_size * len(readers) // readers_per_process, fetched,
+                    "whole row groups")  # fmt: skip
+
+
+def _most_steps(records: int, reader: int, batch_size: int, readers_per_process: int) -> int:
+    """The most steps whose parts reader ``reader`` can fill with ``records`` records."""
+    per_round = reader_records(readers_per_process, reader, batch_size, readers_per_process)
+    steps = records // per_round * readers_per_process
+    while reader_records(steps + 1, reader, batch_size, readers_per_process) <= records:
+        steps += 1
+    return steps
 
 
 def _whole_evaluation(groups: Sequence[RowGroup], num_readers: int) -> PassPlan:
     lines = [
         [Segment(group, 0, group.num_rows) for group in assigned]
-        for assigned in _greedy(groups, [1] * num_readers)
+        for assigned in _greedy(groups, range(num_readers)).values()
     ]
     fetched = sum(group.num_rows for group in groups)
     return PassPlan(lines, 0, 0, fetched, "whole row groups")
@@ -425,8 +470,10 @@ __all__ = [
     "ShardReadError",
     "SplitLayout",
     "describe",
-    "part_sizes",
+    "part_size",
     "plan_pass",
     "read_layout",
+    "reader_buffer_size",
+    "reader_records",
     "split_parquet_files",
 ]

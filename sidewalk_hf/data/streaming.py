@@ -5,10 +5,12 @@ each with ``R = readers_per_process`` *readers*; reader ``j`` of process ``r`` r
 the split, as ``parquet_plan.plan_pass`` assigns them from the parquet footers and ``(seed, epoch, W, R,
 B)`` (``B`` records per batch on a process): in training the row groups are shuffled per epoch and given
 to the readers, each reader buffer-shuffles its own records, and batch ``t`` of a process joins one
-*part* from each of its ``P = min(B, R)`` readers: the next ``b_j = B // R + (j < B % R)`` records of
-reader ``j``. ``make_dataloader`` returns a ``StreamLoader``: DataLoader worker ``k`` of ``n`` builds the
-parts ``i = (t - start_step) * P + j`` with ``i % n == k`` (so it reads the readers ``j`` with
-``j % gcd(n, P) == k % gcd(n, P)``) and the main process joins each ``P`` consecutive parts into a batch.
+*part* from each of its ``P = min(B, R)`` readers: the next ``part_size(t, j, B, R)`` records of reader
+``j`` (``B // R`` or ``B // R + 1``, the larger parts passing from reader to reader step by step).
+``make_dataloader`` returns a ``StreamLoader``: DataLoader worker ``k`` of ``n`` builds the parts ``i = (t
+- start_step) * P + j`` with ``i % n == k`` (so it reads the readers ``j`` with ``j % gcd(n, P) == k %
+gcd(n, P)``) and hands over one item per step, its parts of that step; the main process joins the ``n``
+items of a step into its batch, in reader order.
 Hence, with no communication between processes:
 
 - every record is used once per pass across all processes, and fetched once: no row group is read by
@@ -58,7 +60,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import datasets
@@ -75,9 +77,10 @@ from .parquet_plan import (
     ShardReadError,
     SplitLayout,
     describe,
-    part_sizes,
+    part_size,
     plan_pass,
     read_layout,
+    reader_buffer_size,
     split_parquet_files,
 )
 from .transforms import (
@@ -280,7 +283,7 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         process_index, num_processes: this process's rank and the number of processes (``W``).
         seed: seeds the shuffle (with the epoch) and the augmentation (with epoch and record index).
         buffer_batches: shuffle buffer size in batches: ``buffer_batches * B`` records per process,
-            shared among its readers in proportion to their parts (``buffer_batches * b_j`` each).
+            shared among its readers (``buffer_batches * B // R`` each).
         max_buffer_input_shards: whole-stream reading only: shards feeding the shuffle buffer at a time.
             Above 1, datasets 5.2 interleaves shards in threads and, for parquet, sleeps 5 s when each
             pass ends (a guard against apache/arrow#45214), so 1 is the default.
@@ -564,31 +567,32 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         1 in evaluation and for whole-stream reading, whose batches are built whole."""
         if not (self.planned and self.training):
             return 1
-        return sum(size > 0 for size in part_sizes(self.per_process_batch_size, self.readers_per_process))
+        return min(self.per_process_batch_size, self.readers_per_process)
 
-    def _planned_parts(self, keep: Callable[[int], bool]) -> Iterator[dict[str, Any]]:
-        """The parts of this process's training batches from the start step on, part ``j`` of step ``t``
-        being item ``(t - start_step) * P + j``; only the items ``keep`` accepts are built."""
+    def _planned_steps(self, keep: Callable[[int], bool]) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+        """For each training step from the start step on, the parts of this process's batch that ``keep``
+        accepts, as (reader, part): part ``j`` of step ``t`` is item ``(t - start_step) * P + j``."""
         plan, readers_per_process = self._plan(), self.readers_per_process
-        start, batch_size = self._start_step, self.per_process_batch_size
-        sizes = part_sizes(batch_size, readers_per_process)[: self.parts_per_batch]
-        offsets = list(itertools.accumulate(sizes, initial=0))
+        start, batch_size, parts = self._start_step, self.per_process_batch_size, self.parts_per_batch
         fetched = [0]  # records fetched since this worker's previous part
         readers: dict[int, _LineReader] = {}
         per_step = self.records_per_step
         for step in range(start, plan.steps):
-            for j, size in enumerate(sizes):
-                if not keep((step - start) * len(sizes) + j):
-                    continue
-                if j not in readers:
-                    g = self.process_index * readers_per_process + j
-                    readers[j] = _LineReader(self, plan, g, fetched, size)
-                records = readers[j].batch(step)
-                first = step * per_step + self.process_index * batch_size + offsets[j]
-                yield self._build_batch(
-                    [record for _, record in records], list(range(first, first + len(records))),
-                    fetched, self._files_left_out(step == 0 and j == 0),
-                )  # fmt: skip
+            built, offset = [], 0
+            for j in range(parts):
+                size = part_size(step, j, batch_size, readers_per_process)
+                if keep((step - start) * parts + j):
+                    if j not in readers:
+                        g = self.process_index * readers_per_process + j
+                        readers[j] = _LineReader(self, plan, g, fetched)
+                    records = readers[j].part(step)
+                    first = step * per_step + self.process_index * batch_size + offset
+                    built.append((j, self._build_batch(
+                        [record for _, record in records], list(range(first, first + len(records))),
+                        fetched, self._files_left_out(step == 0 and j == 0),
+                    )))  # fmt: skip
+                offset += size
+            yield built
 
     def _files_left_out(self, first_of_pass: bool) -> list[BadSample]:
         if not (first_of_pass and self.process_index == 0):
@@ -605,7 +609,7 @@ class SegmentationStream(torch.utils.data.IterableDataset):
                 continue
             if j not in readers:
                 g = self.process_index * readers_per_process + j
-                readers[j] = _LineReader(self, plan, g, fetched, self.per_process_batch_size)
+                readers[j] = _LineReader(self, plan, g, fetched)
             records = readers[j].batch(i)
             yield self._build_batch(
                 [record for _, record in records],
@@ -624,17 +628,21 @@ class SegmentationStream(torch.utils.data.IterableDataset):
                 self.source, self.split, num_workers, parts, num_workers // math.gcd(num_workers, parts),
             )  # fmt: skip
 
-    def iter_parts(self) -> Iterator[dict[str, Any]]:
+    def iter_parts(self) -> Iterator[Any]:
         """What a DataLoader worker (or the main process, with no workers) hands over: in planned
-        training the parts of the batches (``StreamLoader`` joins each ``parts_per_batch`` of them into
-        a batch), worker ``k`` of ``n`` building the items ``i`` with ``i % n == k``; otherwise whole
-        batches. Use ``make_dataloader``, which iterates this."""
+        training one item per step, the list of (reader, part) of the parts it built for that step,
+        worker ``k`` of ``n`` building the parts ``i`` with ``i % n == k`` (``StreamLoader`` joins the
+        ``n`` items of a step into its batch); otherwise whole batches. Use ``make_dataloader``, which
+        iterates this."""
         worker_id, num_workers = _worker()
         if not self.planned:
             return self._whole_stream_batches(worker_id, num_workers)
         if not self.training:
             return self._planned_evaluation_batches(worker_id, num_workers)
-        return self._planned_parts(lambda item: item % num_workers == worker_id)
+        steps = self._planned_steps(lambda item: item % num_workers == worker_id)
+        if self.parts_per_batch == 1:  # a part is a whole batch: handed over as one
+            return (built[0][1] for built in steps if built)
+        return steps
 
     # ---- whole-stream iteration (not parquet, or asked for) --------------------------------------------
 
@@ -692,8 +700,8 @@ class SegmentationStream(torch.utils.data.IterableDataset):
                 "make_dataloader(stream, num_workers) reads each record once",
                 self.source, self.split,
             )  # fmt: skip
-        items = self._planned_parts(lambda item: (item // parts) % num_workers == worker_id)
-        return (join_parts(group) for group in _groups(items, parts))
+        steps = self._planned_steps(lambda item: (item // parts) % num_workers == worker_id)
+        return (join_parts([part for _, part in built]) for built in steps if built)
 
     def _build_batch(
         self,
@@ -786,30 +794,33 @@ class SegmentationStream(torch.utils.data.IterableDataset):
 
 
 class _LineReader:
-    """One reader's line of a pass: emits its records batch by batch in the reader's order, fetching
-    each row group when the first of its records still to come is needed, once; records of batches passed
-    over are never fetched."""
+    """One reader's line of a pass: emits its records batch by batch (evaluation) or part by part
+    (training) in the reader's order, fetching each row group when the first of its records still to
+    come is needed, once; records of batches or parts passed over are never fetched."""
 
-    def __init__(
-        self, stream: SegmentationStream, plan: PassPlan, reader: int, fetched: list[int], batch_size: int
-    ):
+    def __init__(self, stream: SegmentationStream, plan: PassPlan, reader: int, fetched: list[int]):
         self.layout = stream._layout
         self.segments = plan.lines[reader]
         self.starts = list(itertools.accumulate((segment.num_rows for segment in self.segments), initial=0))
+        batch_size, readers_per_process = stream.per_process_batch_size, stream.readers_per_process
         self.order = ReaderOrder.for_reader(
             self.starts[-1], training=stream.training, seed=stream.seed, epoch=stream.epoch, reader=reader,
-            buffer_size=stream.buffer_batches * batch_size,
+            buffer_size=reader_buffer_size(stream.buffer_batches, batch_size, readers_per_process),
         )  # fmt: skip
-        self.batch_size = batch_size
+        j = reader % readers_per_process
+        self.size_of = (  # records of the reader's batch or part ``index``
+            (lambda index: part_size(index, j, batch_size, readers_per_process))
+            if stream.training else (lambda index: batch_size)
+        )  # fmt: skip
         self.on_bad_sample = stream.on_bad_sample
-        self.next_batch = 0
+        self.next_index = 0
         self.fetched = fetched
         self.cache: dict[int, _Record | _UnreadableRecord] = {}
 
     def batch(self, index: int) -> list[tuple[int, _Record | _UnreadableRecord]]:
-        """Batch ``index`` of this reader as (position in the line, record); earlier batches not yet
-        emitted are passed over without data."""
-        while self.next_batch < index:
+        """Batch (or, in training, part) ``index`` of this reader as (position in the line, record);
+        earlier ones not yet emitted are passed over without data."""
+        while self.next_index < index:
             for position in self._next_positions():
                 self.cache.pop(position, None)
         positions = self._next_positions()
@@ -819,6 +830,8 @@ class _LineReader:
                 self._fetch(position, wanted)
         return [(position, self.cache.pop(position)) for position in positions]
 
+    part = batch
+
     def split_position(self, position: int) -> int:
         """The record's position in the split's files."""
         k = bisect.bisect_right(self.starts, position) - 1
@@ -826,8 +839,9 @@ class _LineReader:
         return segment.row_group.first_record + segment.start + position - self.starts[k]
 
     def _next_positions(self) -> list[int]:
-        self.next_batch += 1
-        return list(itertools.islice(self.order, self.batch_size))
+        size = self.size_of(self.next_index)
+        self.next_index += 1
+        return list(itertools.islice(self.order, size))
 
     def _fetch(self, position: int, wanted: set[int]) -> None:
         """Read the segment holding ``position`` and keep its records still to come."""
@@ -899,14 +913,6 @@ def _worker() -> tuple[int, int]:
     return worker.id, worker.num_workers
 
 
-def _groups(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    iterator = iter(items)
-    while group := list(itertools.islice(iterator, size)):
-        if len(group) < size:
-            raise RuntimeError(f"a batch lost parts: {len(group)} of its {size} parts came")
-        yield group
-
-
 def join_parts(parts: Sequence[dict[str, Any]], pin_memory: bool = False) -> dict[str, Any]:
     """One batch from its parts, in order (chips of different sizes sit top-left, padded as a batch pads
     them). In pinned memory when asked, so that the copy to a GPU stays asynchronous."""
@@ -948,8 +954,9 @@ class _StreamParts(torch.utils.data.IterableDataset):
 
 class StreamLoader:
     """A DataLoader over a stream's parts that yields its batches, each joined in the main process from
-    the ``parts_per_batch`` parts its workers built (the DataLoader hands items over in order, round robin
-    over its workers, so the parts of a batch come one after another)."""
+    the parts its workers built: each worker hands over one item per step holding its parts of that
+    step's batch, and the DataLoader hands items over in order, round robin over its workers, so the
+    items of a step come one after another (one message per worker and step, whatever the parts)."""
 
     def __init__(self, stream: SegmentationStream, **dataloader_options: Any):
         self.stream = stream
@@ -969,10 +976,21 @@ class StreamLoader:
         return self.dataloader.num_workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        batches = iter(self.dataloader)
+        items = iter(self.dataloader)
         if self.parts_per_batch == 1:
-            return batches
-        return (join_parts(group, self.pin_memory) for group in _groups(batches, self.parts_per_batch))
+            return items
+        return self._joined(items)
+
+    def _joined(self, items: Iterator[list[tuple[int, dict[str, Any]]]]) -> Iterator[dict[str, Any]]:
+        """Each step's items, one from each worker, joined into its batch in reader order."""
+        per_step = max(1, self.dataloader.num_workers)
+        while step := list(itertools.islice(items, per_step)):
+            parts = sorted((built for item in step for built in item), key=lambda built: built[0])
+            if len(step) < per_step or len(parts) != self.parts_per_batch:
+                raise RuntimeError(
+                    f"a batch lost parts: {len(parts)} of its {self.parts_per_batch} parts came"
+                )
+            yield join_parts([part for _, part in parts], self.pin_memory)
 
 
 def make_dataloader(
