@@ -569,9 +569,12 @@ class SegmentationStream(torch.utils.data.IterableDataset):
             return 1
         return min(self.per_process_batch_size, self.readers_per_process)
 
-    def _planned_steps(self, keep: Callable[[int], bool]) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    def _planned_steps(
+        self, keep: Callable[[int], bool]
+    ) -> Iterator[list[tuple[list[tuple[int, int]], dict[str, Any]]]]:
         """For each training step from the start step on, the parts of this process's batch that ``keep``
-        accepts, as (reader, part): part ``j`` of step ``t`` is item ``(t - start_step) * P + j``."""
+        accepts, as pieces for ``join_parts``: part ``j`` of step ``t`` is item ``(t - start_step) * P +
+        j``."""
         plan, readers_per_process = self._plan(), self.readers_per_process
         start, batch_size, parts = self._start_step, self.per_process_batch_size, self.parts_per_batch
         fetched = [0]  # records fetched since this worker's previous part
@@ -587,7 +590,7 @@ class SegmentationStream(torch.utils.data.IterableDataset):
                         readers[j] = _LineReader(self, plan, g, fetched)
                     records = readers[j].part(step)
                     first = step * per_step + self.process_index * batch_size + offset
-                    built.append((j, self._build_batch(
+                    built.append(([(j, len(records))], self._build_batch(
                         [record for _, record in records], list(range(first, first + len(records))),
                         fetched, self._files_left_out(step == 0 and j == 0),
                     )))  # fmt: skip
@@ -630,9 +633,9 @@ class SegmentationStream(torch.utils.data.IterableDataset):
 
     def iter_parts(self) -> Iterator[Any]:
         """What a DataLoader worker (or the main process, with no workers) hands over: in planned
-        training one item per step, the list of (reader, part) of the parts it built for that step,
-        worker ``k`` of ``n`` building the parts ``i`` with ``i % n == k`` (``StreamLoader`` joins the
-        ``n`` items of a step into its batch); otherwise whole batches. Use ``make_dataloader``, which
+        training one item per step, the piece (``join_parts``) of that step's batch it built, worker ``k``
+        of ``n`` building the parts ``i`` with ``i % n == k`` (``StreamLoader`` joins the ``n`` pieces of a
+        step into its batch); otherwise whole batches. Use ``make_dataloader``, which
         iterates this."""
         worker_id, num_workers = _worker()
         if not self.planned:
@@ -642,7 +645,8 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         steps = self._planned_steps(lambda item: item % num_workers == worker_id)
         if self.parts_per_batch == 1:  # a part is a whole batch: handed over as one
             return (built[0][1] for built in steps if built)
-        return steps
+        # One piece per step, its parts joined here: a message per step and worker, four tensors each.
+        return (join_parts(built) for built in steps)
 
     # ---- whole-stream iteration (not parquet, or asked for) --------------------------------------------
 
@@ -701,7 +705,7 @@ class SegmentationStream(torch.utils.data.IterableDataset):
                 self.source, self.split,
             )  # fmt: skip
         steps = self._planned_steps(lambda item: (item // parts) % num_workers == worker_id)
-        return (join_parts([part for _, part in built]) for built in steps if built)
+        return (join_parts(built)[1] for built in steps if built)
 
     def _build_batch(
         self,
@@ -913,31 +917,52 @@ def _worker() -> tuple[int, int]:
     return worker.id, worker.num_workers
 
 
-def join_parts(parts: Sequence[dict[str, Any]], pin_memory: bool = False) -> dict[str, Any]:
-    """One batch from its parts, in order (chips of different sizes sit top-left, padded as a batch pads
-    them). In pinned memory when asked, so that the copy to a GPU stays asynchronous."""
-    if len(parts) == 1:
-        return parts[0]
-    images = [part["pixel_values"] for part in parts]
-    count = sum(len(image) for image in images)
-    height, width = max(image.shape[2] for image in images), max(image.shape[3] for image in images)
-    pixel_values = torch.zeros(
-        (count, images[0].shape[1], height, width), dtype=torch.uint8, pin_memory=pin_memory
-    )
+def join_parts(
+    pieces: Sequence[tuple[Sequence[tuple[int, int]], dict[str, Any]]], pin_memory: bool = False
+) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+    """Join pieces of one batch, each ``(slots, batch)``: ``slots`` lists the (reader, records) of the
+    parts that make up the rows of ``batch``, in its row order. Returns ``(slots, batch)`` with the parts
+    in reader order, whoever built them (chips of different sizes sit top-left, padded as a batch pads
+    them), in pinned memory when asked, so that the copy to a GPU stays asynchronous."""
+    rows = []  # (reader, piece, first row, records)
+    for index, (slots, _) in enumerate(pieces):
+        first = 0
+        for reader, count in slots:
+            rows.append((reader, index, first, count))
+            first += count
+    rows.sort(key=lambda row: row[0])
+    slots = [(reader, count) for reader, _, _, count in rows]
+    filled = [batch for piece_slots, batch in pieces if piece_slots]
+    if len(filled) == 1 and not pin_memory and [i for _, i, _, _ in rows] == [0] * len(rows):
+        return slots, filled[0]  # one piece, already in order: nothing to copy
+    if not filled:
+        return slots, {}
+    channels = filled[0]["pixel_values"].shape[1]
+    height = max(batch["pixel_values"].shape[2] for batch in filled)
+    width = max(batch["pixel_values"].shape[3] for batch in filled)
+    count = sum(count for _, count in slots)
+    pixel_values = torch.zeros((count, channels, height, width), dtype=torch.uint8, pin_memory=pin_memory)
     labels = torch.full((count, height, width), 255, dtype=torch.uint8, pin_memory=pin_memory)
-    first = 0
-    for part in parts:
-        part_count, _, part_height, part_width = part["pixel_values"].shape
-        pixel_values[first : first + part_count, :, :part_height, :part_width] = part["pixel_values"]
-        labels[first : first + part_count, :part_height, :part_width] = part["labels"]
-        first += part_count
-    return {
+    normalization, record_index, position = [], [], 0
+    for _, index, first, part_count in rows:
+        batch = pieces[index][1]
+        _, _, piece_height, piece_width = batch["pixel_values"].shape
+        taken = slice(first, first + part_count)
+        pixel_values[position : position + part_count, :, :piece_height, :piece_width] = batch[
+            "pixel_values"
+        ][taken]
+        labels[position : position + part_count, :piece_height, :piece_width] = batch["labels"][taken]
+        normalization.append(batch["pixel_normalization"][taken])
+        record_index.append(batch["record_index"][taken])
+        position += part_count
+    bad_samples = [bad for batch in filled for bad in batch["bad_samples"]]
+    return slots, {
         "pixel_values": pixel_values,
         "labels": labels,
-        "pixel_normalization": torch.cat([part["pixel_normalization"] for part in parts]),
-        "record_index": torch.cat([part["record_index"] for part in parts]),
-        "bad_samples": [bad for part in parts for bad in part["bad_samples"]],
-        "records_read": sum(part["records_read"] for part in parts),
+        "pixel_normalization": torch.cat(normalization),
+        "record_index": torch.cat(record_index),
+        "bad_samples": sorted(bad_samples, key=lambda bad: bad.record_index),  # in record order
+        "records_read": sum(batch["records_read"] for batch in filled),
     }
 
 
@@ -981,16 +1006,19 @@ class StreamLoader:
             return items
         return self._joined(items)
 
-    def _joined(self, items: Iterator[list[tuple[int, dict[str, Any]]]]) -> Iterator[dict[str, Any]]:
-        """Each step's items, one from each worker, joined into its batch in reader order."""
+    def _joined(
+        self, items: Iterator[tuple[list[tuple[int, int]], dict[str, Any]]]
+    ) -> Iterator[dict[str, Any]]:
+        """Each step's pieces, one from each worker, joined into its batch in reader order."""
         per_step = max(1, self.dataloader.num_workers)
-        while step := list(itertools.islice(items, per_step)):
-            parts = sorted((built for item in step for built in item), key=lambda built: built[0])
-            if len(step) < per_step or len(parts) != self.parts_per_batch:
+        while pieces := list(itertools.islice(items, per_step)):
+            slots, batch = join_parts(pieces, self.pin_memory)
+            if len(pieces) < per_step or [reader for reader, _ in slots] != list(range(self.parts_per_batch)):
                 raise RuntimeError(
-                    f"a batch lost parts: {len(parts)} of its {self.parts_per_batch} parts came"
+                    f"a batch lost parts: it has the parts of readers {[reader for reader, _ in slots]} of "
+                    f"{self.parts_per_batch}"
                 )
-            yield join_parts([part for _, part in parts], self.pin_memory)
+            yield batch
 
 
 def make_dataloader(
