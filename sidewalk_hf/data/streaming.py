@@ -581,21 +581,25 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         readers: dict[int, _LineReader] = {}
         per_step = self.records_per_step
         for step in range(start, plan.steps):
-            built, offset = [], 0
+            slots, records, record_indices, offset = [], [], [], 0
             for j in range(parts):
                 size = part_size(step, j, batch_size, readers_per_process)
                 if keep((step - start) * parts + j):
                     if j not in readers:
                         g = self.process_index * readers_per_process + j
                         readers[j] = _LineReader(self, plan, g, fetched)
-                    records = readers[j].part(step)
+                    part = readers[j].part(step)
                     first = step * per_step + self.process_index * batch_size + offset
-                    built.append(([(j, len(records))], self._build_batch(
-                        [record for _, record in records], list(range(first, first + len(records))),
-                        fetched, self._files_left_out(step == 0 and j == 0),
-                    )))  # fmt: skip
+                    slots.append((j, len(part)))
+                    records += [record for _, record in part]
+                    record_indices += range(first, first + len(part))
                 offset += size
-            yield built
+            if not slots:
+                yield []
+                continue
+            # The parts this worker builds for the step, as one piece: one batch of their records.
+            files_left_out = self._files_left_out(step == 0 and slots[0][0] == 0)
+            yield [(slots, self._build_batch(records, record_indices, fetched, files_left_out))]
 
     def _files_left_out(self, first_of_pass: bool) -> list[BadSample]:
         if not (first_of_pass and self.process_index == 0):
@@ -645,8 +649,8 @@ class SegmentationStream(torch.utils.data.IterableDataset):
         steps = self._planned_steps(lambda item: item % num_workers == worker_id)
         if self.parts_per_batch == 1:  # a part is a whole batch: handed over as one
             return (built[0][1] for built in steps if built)
-        # One piece per step, its parts joined here: a message per step and worker, four tensors each.
-        return (join_parts(built) for built in steps)
+        # One piece per step: a message per step and worker, four tensors each.
+        return (built[0] if built else ([], {}) for built in steps)
 
     # ---- whole-stream iteration (not parquet, or asked for) --------------------------------------------
 
