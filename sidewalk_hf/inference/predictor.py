@@ -18,6 +18,7 @@ raster between processes gives the same pixels as running it whole.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -127,11 +128,8 @@ class _PartWindows(torch.utils.data.IterableDataset):
         return self.num_batches
 
     def __iter__(self):
-        from rasterio.windows import Window
-
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        h, w = self.grid.window_shape
         src = None
         try:
             src = open_raster(self.part.path)
@@ -139,17 +137,12 @@ class _PartWindows(torch.utils.data.IterableDataset):
                 start = self.first + batch * self.batch_size
                 indexes = range(start, min(start + self.batch_size, self.last))
                 try:
-                    pixels, valid = [], []
-                    for index in indexes:
-                        _, _, y0, x0 = self.grid.window(index)
-                        chip, ok = read_window(src, Window(x0, y0, w, h), self.rule)
-                        pixels.append(chip)
-                        valid.append(ok)
+                    pixels, valid = self._read_batch(src, indexes)
                     yield {
                         "batch": batch,
                         "indexes": torch.tensor(list(indexes)),
-                        "pixels": torch.from_numpy(np.stack(pixels)),
-                        "valid": torch.from_numpy(np.stack(valid)),
+                        "pixels": torch.from_numpy(pixels),
+                        "valid": torch.from_numpy(valid),
                         "error": "",
                     }
                 except Exception as error:  # noqa: BLE001 - a bad block fails this part, named, not the run
@@ -160,6 +153,30 @@ class _PartWindows(torch.utils.data.IterableDataset):
         finally:
             if src is not None:
                 src.close()
+
+    def _read_batch(self, src, indexes: range) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's windows, read with one call per window row it spans (the span of its windows there).
+
+        Reading, scaling and masking are per pixel, so cutting the windows out of their row's span gives the
+        same chips as reading each window, for one rasterio call instead of one per window and without
+        reading the overlaps twice; a span is at most a batch of windows wide, so memory stays bounded.
+        """
+        from rasterio.windows import Window
+
+        h, w = self.grid.window_shape
+        per_row = len(self.grid.col_starts)
+        row_starts, col_starts = self.grid.row_starts, self.grid.col_starts
+        pixels, valid = [], []
+        for row, in_row in itertools.groupby(indexes, key=lambda index: index // per_row):
+            cols = [index % per_row for index in in_row]
+            x_from = col_starts[cols[0]]
+            span = col_starts[cols[-1]] + w - x_from
+            chips, ok = read_window(src, Window(x_from, row_starts[row], span, h), self.rule)
+            for col in cols:
+                x0 = col_starts[col] - x_from
+                pixels.append(chips[:, :, x0 : x0 + w])
+                valid.append(ok[:, x0 : x0 + w])
+        return np.stack(pixels), np.stack(valid)
 
 
 class _Writer:
@@ -205,18 +222,23 @@ class _Accumulator:
         self.valid = np.zeros((h, grid.width), bool)
         self.weight = blend_weights(grid.window_shape, blend)
 
-    def add(self, y0: int, x0: int, logits: np.ndarray | None, valid: np.ndarray) -> None:
+    def weigh(self, logits: np.ndarray) -> np.ndarray:
+        """A batch's ``(B, labels, h, w)`` logits times the blend weight, in one pass, C-ordered for ``add``."""
+        weighted = np.empty(logits.shape, np.float32)
+        return np.multiply(logits, self.weight, out=weighted)
+
+    def add(self, y0: int, x0: int, weighted_logits: np.ndarray | None, valid: np.ndarray) -> None:
         h, w = self.grid.window_shape
         rows = slice(y0 - self.top, y0 - self.top + h)
         self.valid[rows, x0 : x0 + w] |= valid
-        if logits is not None:
-            self.logits[:, rows, x0 : x0 + w] += logits * self.weight
+        if weighted_logits is not None:
+            self.logits[:, rows, x0 : x0 + w] += weighted_logits
             self.weights[rows, x0 : x0 + w] += self.weight
 
-    def take_rows(self, until: int):
-        """Finished rows ``[top, until)`` (logits, weights, valid), and shift the rest up."""
+    def take_rows(self, until: int, sidewalk_label: int) -> tuple[np.ndarray, np.ndarray]:
+        """Classes and probability of the finished rows ``[top, until)``, and shift the rest up."""
         n = until - self.top
-        out = self.logits[:, :n].copy(), self.weights[:n].copy(), self.valid[:n].copy()
+        out = classes_and_probability(self.logits[:, :n], self.weights[:n], self.valid[:n], sidewalk_label)
         for array in (self.logits, self.weights, self.valid):
             array[..., : self.h - n, :] = array[..., n:, :]
             array[..., self.h - n :, :] = 0
@@ -300,8 +322,7 @@ def predict_part(
             if until <= acc.top:
                 return
             y_from = acc.top
-            logits, weights, valid = acc.take_rows(until)
-            classes, probability = classes_and_probability(logits, weights, valid, model.sidewalk_label)
+            classes, probability = acc.take_rows(until, model.sidewalk_label)
             writer.submit(write_rows, y_from, classes, probability)
 
         current_row = r0
@@ -312,9 +333,10 @@ def predict_part(
                 )
             valid = batch["valid"].numpy()
             runnable = valid.reshape(len(valid), -1).any(axis=1)
-            logits = (
-                model.logits(batch["pixels"][torch.from_numpy(runnable)]).numpy() if runnable.any() else None
-            )
+            logits = None
+            if runnable.any():
+                pixels = batch["pixels"] if runnable.all() else batch["pixels"][torch.from_numpy(runnable)]
+                logits = acc.weigh(model.logits(pixels).numpy())
             k = 0
             for i, index in enumerate(batch["indexes"].tolist()):
                 row, _, y0, x0 = grid.window(index)
@@ -338,7 +360,10 @@ def predict_part(
         outputs = {}
         if whole:
             for kind, path in final.items():
-                outputs[kind] = {"path": path.name, "sha256": publish_cog(strips[kind], path)}
+                outputs[kind] = {
+                    "path": path.name,
+                    "sha256": publish_cog(strips[kind], path, num_threads=torch.get_num_threads()),
+                }
         else:
             outputs = {kind: {"strip": path.name} for kind, path in strips.items()}
         entry.update(status="ok", outputs=outputs)
@@ -393,7 +418,10 @@ def assemble_parts(
                                     window.col_off, window.row_off + entry["y0"], window.width, window.height
                                 ),
                             )
-            outputs[kind] = {"path": final.name, "sha256": publish_cog(joined, final)}
+            outputs[kind] = {
+                "path": final.name,
+                "sha256": publish_cog(joined, final, num_threads=torch.get_num_threads()),
+            }
         finally:
             joined.unlink(missing_ok=True)
     for entry in entries:

@@ -20,6 +20,7 @@ Engines, all running the same ``predict_part``:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ class OutputFolderError(RuntimeError):
     """The output folder holds another run's files, or a manifest that does not match this run."""
 
 
+@functools.cache  # importlib.metadata scans every installed distribution: once per process
 def _package_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -349,7 +351,7 @@ def _manifest(model, options, parameters, paths, entries, engine, num_engines, s
         "pixel_rule_text": options.rule.describe(),
         "engine": engine,
         "num_processes": num_engines,
-        "packages": _package_versions(),
+        "packages": dict(_package_versions()),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "summary": counts | {"inputs": len(paths)},

@@ -9,6 +9,7 @@ pixel's prediction moves smoothly from one window to the next instead of jumping
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -49,11 +50,12 @@ class WindowGrid:
     def window_shape(self) -> tuple[int, int]:
         return min(self.window_px, self.height), min(self.window_px, self.width)
 
-    @property
+    # Computed once per grid: ``window`` is called for every window of a raster.
+    @functools.cached_property
     def row_starts(self) -> list[int]:
         return window_starts(self.height, self.window_px, self.stride_px)
 
-    @property
+    @functools.cached_property
     def col_starts(self) -> list[int]:
         return window_starts(self.width, self.window_px, self.stride_px)
 
