@@ -51,9 +51,10 @@ TINY = {
     "project_channels": 8,
 }
 SERVER_START_TIMEOUT_S = 120
-BROWSER_TIMEOUT_MS = 180_000  # what takes a second on a quiet machine can take a minute beside the suite
+BROWSER_TIMEOUT_MS = 120_000  # what takes a second on a quiet machine can take a while beside the suite
 APP_LOGS: dict[str, Path] = {}  # each launched app's log, by its URL
-pytestmark = pytest.mark.slow  # each module launches the app (and a browser) once
+# The module launches the app (and a browser) once, on one test worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("space_app")]
 
 
 @pytest.fixture(scope="module")
@@ -298,20 +299,27 @@ def page(browser, app_url):
 
 
 def _upload_and_run(page, path: Path) -> None:
-    """Choose the file in the upload box as a visitor does and press the button.
+    """Choose the file in the upload box as a visitor does, wait until the box holds it, press the button.
 
-    The upload box shows the file's name once it has taken the file. Beside the rest of the test suite on
-    two cores that can take well over 30 s, so the wait is long; a file that never shows is reported with
-    what the page and the server said."""
+    While uploading the box shows "Uploading 1 file... <name>"; once it holds the file it shows the name's
+    stem and suffix in two elements, so that is what is waited for (the first state can pass too quickly
+    to be seen). A file that never shows is reported with what the page and the server said."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
     page.set_input_files("#upload input[type=file]", str(path))
     try:
-        page.wait_for_selector(f"#upload :text('{path.name}')", timeout=BROWSER_TIMEOUT_MS)
+        page.wait_for_function(
+            """([stem, suffix]) => {
+                const text = document.querySelector('#upload').innerText;
+                return text.includes(stem) && text.includes(suffix) && !text.includes('Uploading');
+            }""",
+            arg=[path.stem, path.suffix],
+            timeout=BROWSER_TIMEOUT_MS,
+        )
     except PlaywrightTimeoutError:
         pytest.fail(
             f"{path.name} did not show in the upload box within {BROWSER_TIMEOUT_MS / 1000:.0f} s.\n"
-            f"upload box: {page.inner_html('#upload')[:2000]}\n"
+            f"upload box: {page.inner_text('#upload')!r}\n"
             "page log:\n" + "\n".join(page.console_messages[-40:]) + "\n"
             f"server log:\n{APP_LOGS[page.app_url].read_text()[-3000:]}"
         )
