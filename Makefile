@@ -22,7 +22,7 @@ demo: venv
 	HF_HUB_OFFLINE=1 $(PY) scripts/demo_scene.py
 
 test: venv
-	HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests
+	HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadscope --durations=15 tests
 
 # The CPU benchmarks of bench/README.md (about 40 minutes on 2 cores); `bash bench/gpu.sh` on a CUDA machine.
 bench: venv

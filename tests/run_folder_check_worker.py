@@ -21,3 +21,6 @@ for run_dir in (base / f"process{state.process_index}", base / "shared"):
         print(f"process {state.process_index}: {run_dir.name} is shared", flush=True)
     except RunFolderNotSharedError as error:
         print(f"process {state.process_index}: {error}", flush=True)
+# Exit as training does (Accelerator.end_training): a process group left to interpreter shutdown can abort
+# the process ("terminate called without an active exception").
+state.destroy_process_group()

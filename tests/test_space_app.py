@@ -53,8 +53,7 @@ TINY = {
 SERVER_START_TIMEOUT_S = 120
 BROWSER_TIMEOUT_MS = 120_000  # what takes a second on a quiet machine can take a while beside the suite
 APP_LOGS: dict[str, Path] = {}  # each launched app's log, by its URL
-# The module launches the app (and a browser) once, on one test worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("space_app")]
+pytestmark = pytest.mark.slow  # each module launches the app (and a browser) once
 
 
 @pytest.fixture(scope="module")

@@ -107,15 +107,13 @@ def user_run(tmp_path_factory, synthetic_dataset_dir):
     return run_dir, first_output, resumed.stdout + resumed.stderr, tmp
 
 
-def uses_user_run(test):
-    """A slow test of the shared ``user_run``: all on one test worker, so that the run is trained once."""
-    return pytest.mark.xdist_group("user_run")(pytest.mark.slow(test))
+pytestmark_slow = pytest.mark.slow  # `make test` keeps a module on one worker: user_run is trained once
 
 
 # ---- 1. class names are configuration ----------------------------------------------------------------
 
 
-@uses_user_run
+@pytestmark_slow
 def test_renamed_labels_are_reported_under_their_names_in_logs_results_and_card(user_run):
     run_dir, _, _, _ = user_run
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -146,7 +144,7 @@ def test_renamed_labels_are_reported_under_their_names_in_logs_results_and_card(
 # ---- 2. the launcher's settings are honoured -----------------------------------------------------------
 
 
-@uses_user_run
+@pytestmark_slow
 def test_launcher_mixed_precision_is_honoured_and_recorded(user_run):
     run_dir, first_output, resumed_output, _ = user_run
     assert json.loads((run_dir / "env.json").read_text())["mixed_precision"] == "bf16"
@@ -181,7 +179,7 @@ def test_a_config_value_that_contradicts_the_launcher_is_an_error_naming_both(mo
 # ---- 3. trackers ----------------------------------------------------------------------------------------
 
 
-@uses_user_run
+@pytestmark_slow
 def test_mlflow_gets_one_run_named_after_the_run_folder_continued_on_resume_with_images(
     user_run, monkeypatch
 ):
@@ -205,7 +203,7 @@ def test_mlflow_gets_one_run_named_after_the_run_folder_continued_on_resume_with
     assert any("training_curves" in path for path in images)
 
 
-@uses_user_run
+@pytestmark_slow
 def test_wandb_offline_run_is_named_after_the_run_folder_and_resumed_under_the_same_id(user_run):
     run_dir, _, _, _ = user_run
     run_id = json.loads((run_dir / "trackers.json").read_text())["wandb"]["id"]
@@ -217,7 +215,7 @@ def test_wandb_offline_run_is_named_after_the_run_folder_and_resumed_under_the_s
     assert media, "validation overlays reach wandb"
 
 
-@uses_user_run
+@pytestmark_slow
 def test_tensorboard_and_the_jsonl_log_stay_on_beside_other_trackers(user_run):
     run_dir, _, _, _ = user_run
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
@@ -240,7 +238,7 @@ def test_an_unknown_tracker_is_an_error_listing_the_valid_ones(tmp_path):
 # ---- 4. logs a person can read afterwards ----------------------------------------------------------------
 
 
-@uses_user_run
+@pytestmark_slow
 def test_log_txt_keeps_what_was_printed_across_the_resume_with_time_level_and_process(user_run):
     run_dir, _, _, _ = user_run
     log = (run_dir / "log.txt").read_text()
@@ -251,7 +249,7 @@ def test_log_txt_keeps_what_was_printed_across_the_resume_with_time_level_and_pr
     time.strptime(first_line[:19], "%Y-%m-%d %H:%M:%S")
 
 
-@uses_user_run
+@pytestmark_slow
 def test_progress_is_one_plain_line_per_log_period_when_output_is_not_a_terminal(user_run):
     _, _, resumed_output, _ = user_run
     assert "\r" not in resumed_output
@@ -429,7 +427,7 @@ def test_the_sigterm_handler_is_restored_when_training_returns():
         signal.signal(signal.SIGTERM, previous)
 
 
-@uses_user_run
+@pytestmark_slow
 def test_the_final_evaluation_of_best_reproduces_its_validation_metrics(user_run):
     """Validation and the final evaluation share one stream and loader factory and the memory format."""
     run_dir, _, _, _ = user_run
