@@ -31,10 +31,10 @@ An evaluation pass keeps the files' order and drops nothing: whole row groups to
 when there are at least ``P`` of them, else the split cut into ``P`` nearly equal shares.
 
 Within a line, ``ReaderOrder`` gives the order in which a reader emits its records: a buffer shuffle
-(training) seeded by ``(seed, epoch, g)`` of ``reader_buffer_size`` records, so that a process buffers
-about ``buffer_batches * B`` records in all, as a whole-stream shuffle with the same ``buffer_batches`` does, which does not depend on the records' contents, so a reader can
-pass over emitted records without having read them (an exact resume re-reads only row groups that still
-hold records to come).
+(training) seeded by ``(seed, epoch, g)`` of ``reader_buffer_size`` records (so that a process buffers
+about ``buffer_batches * B`` records in all, as a whole-stream shuffle with the same ``buffer_batches``
+does), which does not depend on the records' contents, so a reader can pass over emitted records without
+having read them (an exact resume re-reads only row groups that still hold records to come).
 """
 
 from __future__ import annotations
@@ -357,8 +357,7 @@ def _whole_training(
             lines[g].append(Segment(group, 0, take))
             quota -= take
     fetched = sum(segment.row_group.num_rows for segments in lines for segment in segments)
-    return PassPlan(lines, steps, total - steps * batch_size * len(readers) // readers_per_process, fetched,
-                    "whole row groups")  # fmt: skip
+    return PassPlan(lines, steps, total - sum(quotas(steps)), fetched, "whole row groups")
 
 
 def _most_steps(records: int, reader: int, batch_size: int, readers_per_process: int) -> int:
