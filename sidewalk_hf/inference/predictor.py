@@ -302,7 +302,12 @@ def predict_part(
                 "prob": "sidewalk probability x 254, 255 nodata",
             }
             dsts[kind] = open_strip_writer(
-                path, plan.profile, part.y1 - part.y0, band_transform, tags | {"VALUES": tag[kind]}
+                path,
+                plan.profile,
+                part.y1 - part.y0,
+                band_transform,
+                tags | {"VALUES": tag[kind]},
+                num_threads=torch.get_num_threads(),
             )
         r0, _ = grid.rows_for_output_band(part.y0, part.y1)
         acc = _Accumulator(grid, model.num_labels, grid.row_starts[r0], options.blend)
@@ -406,7 +411,14 @@ def assemble_parts(
         try:
             with rasterio.open(out_dir / entries[0]["outputs"][kind]["strip"]) as first:
                 tags = first.tags()
-            dst = open_strip_writer(joined, plan.profile, plan.height, plan.profile["transform"], tags)
+            dst = open_strip_writer(
+                joined,
+                plan.profile,
+                plan.height,
+                plan.profile["transform"],
+                tags,
+                num_threads=torch.get_num_threads(),
+            )
             with dst:
                 for entry in entries:
                     with rasterio.open(out_dir / entry["outputs"][kind]["strip"]) as strip:
