@@ -194,6 +194,19 @@ def test_predictions_do_not_depend_on_batch_size_or_workers(model_dir, scenes, t
         )
 
 
+def test_the_mask_does_not_depend_on_writing_probabilities_and_agrees_with_them(model_dir, scenes, tmp_path):
+    _predict(model_dir, [scenes["rgb8"].image], tmp_path / "a", options=_options(write_probs=False))
+    _predict(model_dir, [scenes["rgb8"].image], tmp_path / "b")
+    assert not (tmp_path / "a" / "rgb8.prob.tif").exists()
+    mask = _read(tmp_path / "a" / "rgb8.mask.tif")[0]
+    assert np.array_equal(mask, _read(tmp_path / "b" / "rgb8.mask.tif")[0])
+    prob = _read(tmp_path / "b" / "rgb8.prob.tif")[0]
+    valid = mask != 255
+    assert np.array_equal(valid, prob != 255)
+    assert (mask[valid & (prob >= 128)] == 1).all() and (mask[valid & (prob <= 126)] == 0).all()
+    assert {0, 1} <= set(np.unique(mask[valid]))
+
+
 def test_a_vrt_mosaic_of_four_tiles_equals_the_single_raster(model_dir, scenes, tmp_path):
     tiles = split_into_tiles(scenes["rgb8"].image, 2, 2, tmp_path / "tiles")
     mosaic = write_mosaic_vrt(tiles, tmp_path / "rgb8.vrt")

@@ -32,7 +32,7 @@ import torch
 from affine import Affine
 
 from ..geo.raster import PixelRule, RasterInputError, open_raster, read_window
-from .outputs import classes_and_probability, open_strip_writer, publish_cog, temporary_path
+from .outputs import DEFLATE_LEVEL, classes_and_probability, open_strip_writer, publish_cog, temporary_path
 from .windows import WindowGrid, blend_weights
 
 logger = logging.getLogger(__name__)
@@ -235,10 +235,14 @@ class _Accumulator:
             self.logits[:, rows, x0 : x0 + w] += weighted_logits
             self.weights[rows, x0 : x0 + w] += self.weight
 
-    def take_rows(self, until: int, sidewalk_label: int) -> tuple[np.ndarray, np.ndarray]:
-        """Classes and probability of the finished rows ``[top, until)``, and shift the rest up."""
+    def take_rows(
+        self, until: int, sidewalk_label: int, with_probability: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Classes (and probability) of the finished rows ``[top, until)``, and shift the rest up."""
         n = until - self.top
-        out = classes_and_probability(self.logits[:, :n], self.weights[:n], self.valid[:n], sidewalk_label)
+        out = classes_and_probability(
+            self.logits[:, :n], self.weights[:n], self.valid[:n], sidewalk_label, with_probability
+        )
         for array in (self.logits, self.weights, self.valid):
             array[..., : self.h - n, :] = array[..., n:, :]
             array[..., self.h - n :, :] = 0
@@ -312,7 +316,7 @@ def predict_part(
         r0, _ = grid.rows_for_output_band(part.y0, part.y1)
         acc = _Accumulator(grid, model.num_labels, grid.row_starts[r0], options.blend)
 
-        def write_rows(y_from: int, classes: np.ndarray, probability: np.ndarray) -> None:
+        def write_rows(y_from: int, classes: np.ndarray, probability: np.ndarray | None) -> None:
             from rasterio.windows import Window
 
             lo, hi = max(y_from, part.y0), min(y_from + len(classes), part.y1)
@@ -327,7 +331,7 @@ def predict_part(
             if until <= acc.top:
                 return
             y_from = acc.top
-            classes, probability = acc.take_rows(until, model.sidewalk_label)
+            classes, probability = acc.take_rows(until, model.sidewalk_label, "prob" in dsts)
             writer.submit(write_rows, y_from, classes, probability)
 
         current_row = r0
@@ -367,7 +371,9 @@ def predict_part(
             for kind, path in final.items():
                 outputs[kind] = {
                     "path": path.name,
-                    "sha256": publish_cog(strips[kind], path, num_threads=torch.get_num_threads()),
+                    "sha256": publish_cog(
+                        strips[kind], path, torch.get_num_threads(), deflate_level=DEFLATE_LEVEL[kind]
+                    ),
                 }
         else:
             outputs = {kind: {"strip": path.name} for kind, path in strips.items()}
@@ -432,7 +438,9 @@ def assemble_parts(
                             )
             outputs[kind] = {
                 "path": final.name,
-                "sha256": publish_cog(joined, final, num_threads=torch.get_num_threads()),
+                "sha256": publish_cog(
+                    joined, final, torch.get_num_threads(), deflate_level=DEFLATE_LEVEL[kind]
+                ),
             }
         finally:
             joined.unlink(missing_ok=True)
