@@ -4,9 +4,10 @@ A *part* is a band of output rows of one input raster (a whole raster unless sev
 large raster). For a part, DataLoader workers read its windows (``geo.raster.read_window``: band selection,
 scaling, nodata), grouped in batches that run across window rows; the main thread runs the model and adds
 each window's logits, times a smooth weight, into an accumulator one window tall; rows that no later window
-touches are turned into classes and probabilities and handed to a writer thread, which writes them into a
+touches are turned into classes (and probabilities) and handed to a writer thread, which writes them into a
 tiled GeoTIFF and finally publishes it as a COG. Memory is bounded by the window height times the raster
-width, whatever the raster's size, and the model never waits on reading or writing.
+width, whatever the raster's size. The model never waits on writing, nor on reading when there are reading
+workers (the default on a GPU; on a CPU a worker would take a core from the model, so the main thread reads).
 
 Determinism: a batch is a fixed slice of the part's windows, worker k produces the batches with
 ``index % num_workers == k`` and the DataLoader hands them over in index order, and logits are accumulated
