@@ -571,10 +571,10 @@ class SegmentationStream(torch.utils.data.IterableDataset):
 
     def _planned_steps(
         self, keep: Callable[[int], bool]
-    ) -> Iterator[list[tuple[list[tuple[int, int]], dict[str, Any]]]]:
+    ) -> Iterator[tuple[list[tuple[int, int]], dict[str, Any]] | None]:
         """For each training step from the start step on, the parts of this process's batch that ``keep``
-        accepts, as pieces for ``join_parts``: part ``j`` of step ``t`` is item ``(t - start_step) * P +
-        j``."""
+        accepts, built as one piece for ``join_parts`` (None when it keeps none): part ``j`` of step ``t``
+        is item ``(t - start_step) * P + j``."""
         plan, readers_per_process = self._plan(), self.readers_per_process
         start, batch_size, parts = self._start_step, self.per_process_batch_size, self.parts_per_batch
         fetched = [0]  # records fetched since this worker's previous part
@@ -588,18 +588,18 @@ class SegmentationStream(torch.utils.data.IterableDataset):
                     if j not in readers:
                         g = self.process_index * readers_per_process + j
                         readers[j] = _LineReader(self, plan, g, fetched)
-                    part = readers[j].part(step)
+                    part = readers[j].records(step)
                     first = step * per_step + self.process_index * batch_size + offset
                     slots.append((j, len(part)))
                     records += [record for _, record in part]
                     record_indices += range(first, first + len(part))
                 offset += size
             if not slots:
-                yield []
+                yield None
                 continue
             # The parts this worker builds for the step, as one piece: one batch of their records.
             files_left_out = self._files_left_out(step == 0 and slots[0][0] == 0)
-            yield [(slots, self._build_batch(records, record_indices, fetched, files_left_out))]
+            yield slots, self._build_batch(records, record_indices, fetched, files_left_out)
 
     def _files_left_out(self, first_of_pass: bool) -> list[BadSample]:
         if not (first_of_pass and self.process_index == 0):
@@ -617,7 +617,7 @@ class SegmentationStream(torch.utils.data.IterableDataset):
             if j not in readers:
                 g = self.process_index * readers_per_process + j
                 readers[j] = _LineReader(self, plan, g, fetched)
-            records = readers[j].batch(i)
+            records = readers[j].records(i)
             yield self._build_batch(
                 [record for _, record in records],
                 [readers[j].split_position(p) for p, _ in records],
@@ -648,9 +648,9 @@ class SegmentationStream(torch.utils.data.IterableDataset):
             return self._planned_evaluation_batches(worker_id, num_workers)
         steps = self._planned_steps(lambda item: item % num_workers == worker_id)
         if self.parts_per_batch == 1:  # a part is a whole batch: handed over as one
-            return (built[0][1] for built in steps if built)
+            return (piece[1] for piece in steps if piece)
         # One piece per step: a message per step and worker, four tensors each.
-        return (built[0] if built else ([], {}) for built in steps)
+        return (piece or ([], {}) for piece in steps)
 
     # ---- whole-stream iteration (not parquet, or asked for) --------------------------------------------
 
@@ -709,7 +709,7 @@ class SegmentationStream(torch.utils.data.IterableDataset):
                 self.source, self.split,
             )  # fmt: skip
         steps = self._planned_steps(lambda item: (item // parts) % num_workers == worker_id)
-        return (join_parts(built)[1] for built in steps if built)
+        return (join_parts([piece])[1] for piece in steps if piece)
 
     def _build_batch(
         self,
@@ -825,8 +825,8 @@ class _LineReader:
         self.fetched = fetched
         self.cache: dict[int, _Record | _UnreadableRecord] = {}
 
-    def batch(self, index: int) -> list[tuple[int, _Record | _UnreadableRecord]]:
-        """Batch (or, in training, part) ``index`` of this reader as (position in the line, record);
+    def records(self, index: int) -> list[tuple[int, _Record | _UnreadableRecord]]:
+        """The records of this reader's batch (or, in training, part) ``index``, as (position in the line, record);
         earlier ones not yet emitted are passed over without data."""
         while self.next_index < index:
             for position in self._next_positions():
@@ -837,8 +837,6 @@ class _LineReader:
             if position not in self.cache:
                 self._fetch(position, wanted)
         return [(position, self.cache.pop(position)) for position in positions]
-
-    part = batch
 
     def split_position(self, position: int) -> int:
         """The record's position in the split's files."""
