@@ -709,7 +709,8 @@ class SegmentationStream(torch.utils.data.IterableDataset):
                 self.source, self.split,
             )  # fmt: skip
         steps = self._planned_steps(lambda item: (item // parts) % num_workers == worker_id)
-        return (join_parts([piece])[1] for piece in steps if piece)
+        # A worker keeps whole steps here, so its piece is the batch, its parts already in reader order.
+        return (piece[1] for piece in steps if piece)
 
     def _build_batch(
         self,
@@ -826,8 +827,8 @@ class _LineReader:
         self.cache: dict[int, _Record | _UnreadableRecord] = {}
 
     def records(self, index: int) -> list[tuple[int, _Record | _UnreadableRecord]]:
-        """The records of this reader's batch (or, in training, part) ``index``, as (position in the line, record);
-        earlier ones not yet emitted are passed over without data."""
+        """The records of this reader's batch (or, in training, part) ``index``, as (position in the line,
+        record); earlier ones not yet emitted are passed over without data."""
         while self.next_index < index:
             for position in self._next_positions():
                 self.cache.pop(position, None)
